@@ -1,0 +1,1 @@
+"""notify-gateway: Kafka domain events and direct publishes pushed to students' WebSockets."""

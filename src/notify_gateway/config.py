@@ -1,0 +1,229 @@
+"""Settings read from environment variables, once, at start-up.
+
+Each process kind (gateway, bridge, CLI helpers) loads only what it needs, so a bridge host
+does not have to carry the JWT secret and a gateway host does not need Kafka. Every problem
+raises :class:`ConfigError` whose message is the single line the CLI prints: it starts with
+the variable's name so an operator knows what to fix without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+DEFAULT_TOPICS = ("purchase.events", "allocation.events", "session.events")
+# RFC 7518 3.2: an HS256 key must be at least as long as the hash output.
+MIN_SECRET_BYTES = 32
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ConfigError(Exception):
+    """A missing or malformed setting; ``str()`` is the one line shown to the operator."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+        self.name = name
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def _required(env: Mapping[str, str], name: str, example: str) -> str:
+    value = _get(env, name)
+    if value is None:
+        raise ConfigError(name, f"is required (for example {example})")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be an integer, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(name, f"must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _redis_url(env: Mapping[str, str]) -> str:
+    url = _required(env, "REDIS_URL", "redis://127.0.0.1:6379/0")
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ConfigError("REDIS_URL", "must be a redis://, rediss:// or unix:// URL")
+    return url
+
+
+def _bootstrap(env: Mapping[str, str]) -> str:
+    raw = _required(env, "KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    for server in raw.split(","):
+        host, sep, port = server.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError("KAFKA_BOOTSTRAP_SERVERS", f"expected host:port, got {server!r}")
+    return raw
+
+
+def _topic(name: str, raw: str) -> str:
+    if not _TOPIC.match(raw):
+        raise ConfigError(name, f"{raw!r} is not a valid Kafka topic name")
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class JwtSettings:
+    """How student tokens are verified (and, with a shared secret, minted)."""
+
+    key: str
+    algorithms: tuple[str, ...]
+    audience: str | None
+    issuer: str | None
+
+    @property
+    def can_mint(self) -> bool:
+        return self.algorithms == ("HS256",)
+
+
+def load_jwt(env: Mapping[str, str]) -> JwtSettings:
+    secret = _get(env, "NOTIFY_JWT_SECRET")
+    pem = _get(env, "NOTIFY_JWT_PUBLIC_KEY")
+    audience = _get(env, "NOTIFY_JWT_AUDIENCE")
+    issuer = _get(env, "NOTIFY_JWT_ISSUER")
+    if secret and pem:
+        raise ConfigError("NOTIFY_JWT_SECRET", "set it or NOTIFY_JWT_PUBLIC_KEY, not both")
+    if secret:
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError("NOTIFY_JWT_SECRET", f"must be at least {MIN_SECRET_BYTES} bytes")
+        return JwtSettings(secret, ("HS256",), audience, issuer)
+    if pem:
+        # Pinning the algorithm to the key type prevents algorithm-confusion attacks
+        # (an HS256 token "signed" with the public key as its secret).
+        try:
+            key = load_pem_public_key(pem.replace("\\n", "\n").encode())
+        except ValueError:
+            raise ConfigError("NOTIFY_JWT_PUBLIC_KEY", "is not a PEM public key") from None
+        if isinstance(key, rsa.RSAPublicKey):
+            algorithms: tuple[str, ...] = ("RS256",)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            algorithms = ("ES256",)
+        else:
+            raise ConfigError("NOTIFY_JWT_PUBLIC_KEY", "must be an RSA or EC (P-256) key")
+        return JwtSettings(pem.replace("\\n", "\n"), algorithms, audience, issuer)
+    raise ConfigError(
+        "NOTIFY_JWT_SECRET", "is required (or NOTIFY_JWT_PUBLIC_KEY for RS256/ES256 tokens)"
+    )
+
+
+def _api_keys(env: Mapping[str, str]) -> dict[str, str]:
+    raw = _get(env, "NOTIFY_API_KEYS")
+    keys: dict[str, str] = {}
+    if raw is None:
+        return keys
+    for item in raw.split(","):
+        name, sep, key = item.strip().partition("=")
+        if not sep or not _KEY_NAME.match(name) or len(key) < 16:
+            raise ConfigError(
+                "NOTIFY_API_KEYS",
+                "expected name=key pairs separated by commas, names [A-Za-z0-9_.-], "
+                "keys of at least 16 characters",
+            )
+        if name in keys:
+            raise ConfigError("NOTIFY_API_KEYS", f"the name {name!r} appears twice")
+        keys[name] = key
+    return keys
+
+
+@dataclass(frozen=True, slots=True)
+class HistorySettings:
+    """How much of each student's past the publish contract keeps for resume."""
+
+    size: int
+    ttl: int
+    dedupe_ttl: int
+
+
+def load_history(env: Mapping[str, str]) -> HistorySettings:
+    return HistorySettings(
+        size=_int(env, "NOTIFY_HISTORY_SIZE", 100, 1, 100_000),
+        ttl=_int(env, "NOTIFY_HISTORY_TTL", 86_400, 60, 30 * 86_400),
+        dedupe_ttl=_int(env, "NOTIFY_DEDUPE_TTL", 86_400, 86_400, 30 * 86_400),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    redis_url: str
+    host: str
+    port: int
+    jwt: JwtSettings
+    api_keys: dict[str, str]
+    history: HistorySettings
+    send_queue_bytes: int
+    ping_interval: float
+    ping_timeout: float
+
+
+def load_gateway(env: Mapping[str, str]) -> GatewaySettings:
+    return GatewaySettings(
+        redis_url=_redis_url(env),
+        host=_get(env, "NOTIFY_HOST") or "0.0.0.0",  # noqa: S104 - a service binds all interfaces
+        port=_int(env, "PORT", 8000, 1, 65_535),
+        jwt=load_jwt(env),
+        api_keys=_api_keys(env),
+        history=load_history(env),
+        send_queue_bytes=_int(env, "NOTIFY_SEND_QUEUE_BYTES", 1 << 20, 4096, 1 << 30),
+        ping_interval=_int(env, "NOTIFY_PING_INTERVAL", 20, 1, 3600),
+        ping_timeout=_int(env, "NOTIFY_PING_TIMEOUT", 20, 1, 3600),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    bootstrap: str
+    topics: tuple[str, ...]
+    group: str
+    dlq_topic: str
+    offset_reset: str
+
+
+def load_kafka(env: Mapping[str, str]) -> KafkaSettings:
+    raw_topics = _get(env, "NOTIFY_KAFKA_TOPICS")
+    topics = (
+        tuple(_topic("NOTIFY_KAFKA_TOPICS", t.strip()) for t in raw_topics.split(","))
+        if raw_topics
+        else DEFAULT_TOPICS
+    )
+    reset = _get(env, "NOTIFY_KAFKA_OFFSET_RESET") or "earliest"
+    if reset not in ("earliest", "latest"):
+        raise ConfigError("NOTIFY_KAFKA_OFFSET_RESET", "must be earliest or latest")
+    group = _get(env, "NOTIFY_KAFKA_GROUP") or "notify-bridge"
+    dlq = _topic("NOTIFY_DLQ_TOPIC", _get(env, "NOTIFY_DLQ_TOPIC") or "notify.dlq")
+    if dlq in topics:
+        raise ConfigError("NOTIFY_DLQ_TOPIC", "must not be one of NOTIFY_KAFKA_TOPICS")
+    return KafkaSettings(_bootstrap(env), topics, group, dlq, reset)
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeSettings:
+    redis_url: str
+    kafka: KafkaSettings
+    history: HistorySettings
+    rules_path: str | None
+
+
+def load_bridge(env: Mapping[str, str]) -> BridgeSettings:
+    return BridgeSettings(
+        redis_url=_redis_url(env),
+        kafka=load_kafka(env),
+        history=load_history(env),
+        rules_path=_get(env, "NOTIFY_RULES"),
+    )

@@ -1,0 +1,126 @@
+"""``notify dev``: the whole stack on one machine, from nothing but installed wheels.
+
+It starts what is not given (valkey-server unless ``REDIS_URL``, tansu unless
+``KAFKA_BOOTSTRAP_SERVERS``), creates the topics, runs the bridge and the gateway as child
+processes exactly as the Procfile would, prints how to watch an event arrive, and stops
+everything it started on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+from . import config, embedded
+from .gateway.auth import mint
+
+DEV_STUDENT = "dev-student"
+DEMO_COURSE = "9e16d892-4324-4568-be60-163aa1665683"
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def _port(env: dict[str, str]) -> int:
+    if env.get("PORT"):
+        return int(env["PORT"])
+    try:
+        with socket.create_server(("127.0.0.1", 8000)):
+            return 8000
+    except OSError:
+        return embedded.free_port()
+
+
+def _wait_ready(url: str, children: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + embedded.READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children):
+            raise RuntimeError("a service exited while starting; see its log above")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310
+            if response.status == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"the gateway was not ready at {url} within {embedded.READY_TIMEOUT:.0f}s")
+
+
+def run_dev() -> int:
+    env = dict(os.environ)
+    started: list[embedded.Server] = []
+    children: list[subprocess.Popen[bytes]] = []
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        if not env.get("REDIS_URL"):
+            started.append(embedded.start_redis())
+            env["REDIS_URL"] = started[-1].address
+        if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
+            started.append(embedded.start_kafka())
+            env["KAFKA_BOOTSTRAP_SERVERS"] = started[-1].address
+        env.setdefault("NOTIFY_JWT_SECRET", secrets.token_urlsafe(32))
+        env.setdefault("NOTIFY_API_KEYS", f"dev={secrets.token_urlsafe(24)}")
+        env.setdefault("NOTIFY_HOST", "127.0.0.1")
+        env["PORT"] = str(_port(env))
+        kafka = config.load_kafka(env)
+        asyncio.run(embedded.create_topics(kafka.bootstrap, [*kafka.topics, kafka.dlq_topic]))
+        for service in ("bridge", "gateway"):
+            children.append(
+                embedded.spawn([sys.executable, "-m", "notify_gateway.cli", service], env)
+            )
+        base = f"http://{env['NOTIFY_HOST']}:{env['PORT']}"
+        _wait_ready(f"{base}/readyz", children)
+        _banner(env, base)
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        print("notify dev: a service exited; stopping the rest", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, _Stop):
+        return 0
+    finally:
+        for child in children:
+            embedded.stop(child)
+        for server in reversed(started):
+            server.stop()
+
+
+def _banner(env: dict[str, str], base: str) -> None:
+    token = mint(config.load_jwt(env), DEV_STUDENT, 7 * 86_400)
+    ws = base.replace("http", "ws", 1)
+    notify = shlex.quote(str(Path(sys.argv[0]))) if sys.argv[0].endswith("notify") else "notify"
+    python = shlex.quote(sys.executable)
+    kafka_env = f"KAFKA_BOOTSTRAP_SERVERS={env['KAFKA_BOOTSTRAP_SERVERS']}"
+    print(
+        f"""
+notify-gateway is running (Ctrl-C stops everything).
+
+  gateway        {base}   (WebSocket: {ws}/ws)
+  redis          {env["REDIS_URL"]}
+  kafka          {env["KAFKA_BOOTSTRAP_SERVERS"]}
+  jwt secret     NOTIFY_JWT_SECRET={env["NOTIFY_JWT_SECRET"]}
+  api keys       NOTIFY_API_KEYS={env["NOTIFY_API_KEYS"]}
+  student token  ({DEV_STUDENT}, valid 7 days)
+{token}
+
+Watch the student's notifications (in a second terminal):
+  {python} -m websockets '{ws}/ws?token={token}'
+
+Send a demo PURCHASE_CREATED through Kafka (in a third terminal):
+  {kafka_env} {notify} send-event PURCHASE_CREATED --student {DEV_STUDENT} \\
+      --course {DEMO_COURSE} --field purchaseId={secrets.token_hex(8)} --field purchaseTier=30
+""",
+        flush=True,
+    )

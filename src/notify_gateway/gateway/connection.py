@@ -1,0 +1,181 @@
+"""One student's WebSocket: its position in the student's history and its send queue.
+
+The Pub/Sub reader hands frames to :meth:`Connection.deliver`, which never awaits: it only
+appends to a bounded queue that this connection's own writer task drains. A client that
+cannot keep up overflows its queue and is closed (it resumes from history later), so one
+slow phone never delays anyone else.
+
+The connection also keeps the id of the last event it queued. That position is what makes
+delivery exact: a live frame at or before it is a duplicate from the seam between history
+and live, and a live frame that skips past it reveals a gap, which is filled from history
+before anything newer goes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.websockets import WebSocket
+
+from .. import history, protocol
+from ..protocol import CloseCode, EventId
+
+log = logging.getLogger(__name__)
+
+
+class Connection:
+    def __init__(self, websocket: WebSocket, user: str, redis: Redis, max_queue_bytes: int):
+        self.user = user
+        self._ws = websocket
+        self._redis = redis
+        self._max_queue_bytes = max_queue_bytes
+        self._queue: deque[tuple[str, int]] = deque()
+        self._queued_bytes = 0
+        self._wakeup = asyncio.Event()
+        self._close_code: CloseCode | None = None
+        self._last: EventId | None = None
+        # Live frames held back while history is being read; None when live.
+        self._held: list[tuple[EventId | None, str, int]] | None = []
+        self._catch_up: asyncio.Task[None] | None = None
+        self._catch_up_again = False
+        self._started = False
+
+    @property
+    def closing(self) -> bool:
+        return self._close_code is not None
+
+    async def start(self, since: str | None) -> None:
+        """Queue the welcome, then whatever the client missed (or a resync), then go live.
+
+        The hub has already subscribed this student's channel, so every event published
+        from here on is held in ``_held``; the history read below covers everything before.
+        """
+        if since is None:
+            head = await history.current(self._redis, self.user)
+            self._last = head
+            self.send(protocol.welcome(self.user, head, recovered=False))
+        else:
+            position = protocol.parse_event_id(since)
+            if position is None:
+                head = await history.current(self._redis, self.user)
+                replay = history.Replay([], head, "malformed id")
+            else:
+                replay = await history.after(self._redis, self.user, position)
+            self.send(
+                protocol.welcome(self.user, replay.last_id, recovered=replay.resync_reason is None)
+            )
+            self._apply(replay)
+        self._started = True
+        if self._catch_up_again:
+            self._catch_up = asyncio.create_task(self._catch_up_loop())
+        else:
+            self._go_live()
+
+    def deliver(self, event_id: EventId | None, frame: str, size: int) -> None:
+        """Queue one live frame from the Pub/Sub reader, exactly once and in order."""
+        if self._held is not None:
+            self._held.append((event_id, frame, size))
+            return
+        if event_id is not None:
+            last = self._last
+            if last is not None and event_id.epoch == last.epoch:
+                if event_id.seq <= last.seq:
+                    return  # already queued from history
+                in_order = event_id.seq == last.seq + 1
+            else:
+                # A new history incarnation starts at 1; anything else means frames were missed.
+                in_order = event_id.seq == 1
+            if not in_order:
+                self._held = [(event_id, frame, size)]
+                self.request_catch_up()
+                return
+            self._last = event_id
+        self._enqueue(frame, size)
+
+    def send(self, frame: str) -> None:
+        """Queue a control frame (welcome, resync, pong)."""
+        self._enqueue(frame, len(frame))
+
+    def hold(self) -> None:
+        """Stop delivering live frames: the Pub/Sub connection was lost, so they may have holes."""
+        if self._held is None:
+            self._held = []
+
+    def request_catch_up(self) -> None:
+        """Fill a gap from history: after a Pub/Sub outage, or a hole seen in live frames."""
+        self._catch_up_again = True
+        self.hold()
+        if self._catch_up is None and self._started and not self.closing:
+            self._catch_up = asyncio.create_task(self._catch_up_loop())
+
+    async def _catch_up_loop(self) -> None:
+        try:
+            while self._catch_up_again:
+                self._catch_up_again = False
+                self._apply(await history.after(self._redis, self.user, self._last))
+            self._go_live()
+        except RedisError as exc:
+            log.warning("catch-up failed for a connection, closing it: %s", exc)
+            self.close(CloseCode.TRY_AGAIN_LATER)
+        finally:
+            self._catch_up = None
+
+    def _apply(self, replay: history.Replay) -> None:
+        if replay.resync_reason is not None:
+            self.send(protocol.resync(replay.resync_reason, replay.last_id))
+            self._last = replay.last_id
+            return
+        for event_id, frame in replay.frames:
+            self._enqueue(frame.decode(), len(frame))
+            self._last = event_id
+
+    def _go_live(self) -> None:
+        held, self._held = self._held or [], None
+        for i, (event_id, frame, size) in enumerate(held):
+            self.deliver(event_id, frame, size)
+            if self._held is not None:
+                # A gap reopened the hold: keep the rest, in order, for after the catch-up.
+                self._held.extend(held[i + 1 :])
+                return
+
+    def _enqueue(self, frame: str, size: int) -> None:
+        if self.closing:
+            return
+        if self._queued_bytes + size > self._max_queue_bytes:
+            self.close(CloseCode.SLOW_CONSUMER)
+            return
+        self._queue.append((frame, size))
+        self._queued_bytes += size
+        self._wakeup.set()
+
+    def close(self, code: CloseCode) -> None:
+        """Ask the writer to close the socket; queued frames are dropped (history has them)."""
+        if self.closing:
+            return
+        self._close_code = code
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._wakeup.set()
+
+    async def write_loop(self) -> None:
+        """Drain the queue into the socket; the only place that awaits a WebSocket send."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue and not self.closing:
+                frame, size = self._queue.popleft()
+                self._queued_bytes -= size
+                await self._ws.send_text(frame)
+            if self._close_code is not None:
+                with contextlib.suppress(RuntimeError, OSError):
+                    await self._ws.close(self._close_code)
+                return
+
+    def stop(self) -> None:
+        if self._catch_up is not None:
+            self._catch_up.cancel()

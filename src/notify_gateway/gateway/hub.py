@@ -1,0 +1,86 @@
+"""Which students this process serves, and the fan-out of their frames.
+
+The hub owns the mapping student -> open connections. It asks the Pub/Sub reader to
+subscribe a student's channel when the first device connects and to unsubscribe when the
+last one leaves. Fan-out is synchronous: each frame is decoded once for the process and
+handed to every connection's queue, so the reader never waits on a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from .. import keys
+from ..protocol import CloseCode, event_id_of
+from .connection import Connection
+from .reader import Reader
+
+SUBSCRIBE_TIMEOUT = 5.0
+
+
+class JoinRefused(Exception):
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Hub:
+    def __init__(self, reader: Reader, max_per_user: int) -> None:
+        self._reader = reader
+        self._max_per_user = max_per_user
+        self._users: dict[str, set[Connection]] = {}
+        reader.attach(self.dispatch, self.pause, self.resume)
+
+    @property
+    def connection_count(self) -> int:
+        return sum(len(conns) for conns in self._users.values())
+
+    def connections(self, user: str) -> int:
+        return len(self._users.get(user, ()))
+
+    async def join(self, conn: Connection) -> None:
+        """Register ``conn``; returns once its student's channel is subscribed."""
+        conns = self._users.setdefault(conn.user, set())
+        if len(conns) >= self._max_per_user:
+            raise JoinRefused(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
+        conns.add(conn)
+        try:
+            await asyncio.wait_for(
+                self._reader.subscribe(keys.channel(conn.user)), SUBSCRIBE_TIMEOUT
+            )
+        except TimeoutError:
+            self.leave(conn)
+            raise JoinRefused(CloseCode.TRY_AGAIN_LATER, "subscription unavailable") from None
+
+    def leave(self, conn: Connection) -> None:
+        conns = self._users.get(conn.user)
+        if conns is None:
+            return
+        conns.discard(conn)
+        if not conns:
+            del self._users[conn.user]
+            self._reader.unsubscribe(keys.channel(conn.user))
+
+    def dispatch(self, channel: bytes, frame: bytes) -> None:
+        user = keys.user_of_channel(channel)
+        conns = self._users.get(user) if user is not None else None
+        if not conns:
+            return
+        event_id = event_id_of(frame)
+        text = frame.decode()
+        size = len(frame)
+        for conn in conns:
+            conn.deliver(event_id, text, size)
+
+    def pause(self) -> None:
+        """The Pub/Sub connection dropped: frames published from now on were never seen."""
+        for conns in self._users.values():
+            for conn in conns:
+                conn.hold()
+
+    def resume(self) -> None:
+        """Subscriptions are back: fill every connection's gap from history."""
+        for conns in self._users.values():
+            for conn in conns:
+                conn.request_catch_up()

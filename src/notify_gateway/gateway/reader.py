@@ -1,0 +1,172 @@
+"""The process's one Redis Pub/Sub connection.
+
+Written on a bare redis-py connection rather than its PubSub helper so that reconnection is
+explicit: a dropped connection means frames were published that this process never saw,
+and the hub must hold every student's live stream and refill it from history once the
+subscriptions are confirmed again. A helper that silently reconnects would hide that gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger(__name__)
+
+# SUBSCRIBE arguments per command when restoring many channels after a reconnect.
+_RESUBSCRIBE_CHUNK = 1000
+_BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
+# An idle connection is pinged after this long; one that stays silent for another interval
+# is dead (a half-open TCP connection never errors by itself) and is replaced.
+IDLE_PING_SECONDS = 5.0
+
+
+class Reader:
+    def __init__(self, redis_url: str) -> None:
+        # RESP2: Pub/Sub replies are plain arrays that read_response returns; under RESP3
+        # (redis-py 8's default) they are push messages its parser keeps to itself.
+        self._pool = ConnectionPool.from_url(redis_url, protocol=2)
+        self._conn: AbstractConnection | None = None
+        self._wanted: set[str] = set()
+        self._confirmed: set[str] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        # One ordered queue for SUBSCRIBE/UNSUBSCRIBE, so a quick leave-then-join of the same
+        # student reaches Redis in that order and the channel ends up subscribed.
+        self._commands: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._on_message: Callable[[bytes, bytes], None] = lambda _c, _f: None
+        self._on_lost: Callable[[], None] = lambda: None
+        self._on_restored: Callable[[], None] = lambda: None
+        self.connected = asyncio.Event()
+
+    def attach(
+        self,
+        on_message: Callable[[bytes, bytes], None],
+        on_lost: Callable[[], None],
+        on_restored: Callable[[], None],
+    ) -> None:
+        self._on_message, self._on_lost, self._on_restored = on_message, on_lost, on_restored
+
+    async def subscribe(self, channel: str) -> None:
+        """Subscribe ``channel`` (if not already) and wait until Redis confirmed it."""
+        self._wanted.add(channel)
+        if channel in self._confirmed:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(channel, []).append(waiter)
+        if len(self._waiters[channel]) == 1:
+            self._commands.put_nowait(("SUBSCRIBE", channel))
+        await waiter
+
+    def unsubscribe(self, channel: str) -> None:
+        self._wanted.discard(channel)
+        self._confirmed.discard(channel)
+        self._commands.put_nowait(("UNSUBSCRIBE", channel))
+
+    async def run(self) -> None:
+        """Read forever, reconnecting with capped backoff; cancel to stop."""
+        backoff = _BACKOFF_MIN
+        first = True
+        while True:
+            try:
+                conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
+                await conn.connect()
+                self._conn = conn
+                # What was queued while disconnected is covered by restoring ``_wanted``.
+                while not self._commands.empty():
+                    self._commands.get_nowait()
+                await self._restore(conn)
+                self.connected.set()
+                if not first:
+                    log.info("pubsub reconnected; catching connections up from history")
+                    self._on_restored()
+                first = False
+                backoff = _BACKOFF_MIN
+                sender = asyncio.create_task(self._send_loop(conn))
+                try:
+                    await self._read(conn)
+                finally:
+                    sender.cancel()
+            except (RedisError, OSError) as exc:
+                if self.connected.is_set():
+                    log.warning("pubsub connection lost: %s", exc)
+                    self.connected.clear()
+                    self._on_lost()
+            finally:
+                await self._drop()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _restore(self, conn: AbstractConnection) -> None:
+        channels = sorted(self._wanted)
+        self._confirmed.clear()
+        for start in range(0, len(channels), _RESUBSCRIBE_CHUNK):
+            await conn.send_command(
+                "SUBSCRIBE", *channels[start : start + _RESUBSCRIBE_CHUNK], check_health=False
+            )
+        pending = set(channels)
+        while pending:
+            reply = await conn.read_response(disable_decoding=True, timeout=IDLE_PING_SECONDS)
+            if reply is None:
+                raise RedisTimeoutError("pubsub subscriptions not confirmed")
+            confirmed = self._handle(reply)
+            if confirmed is not None:
+                pending.discard(confirmed)
+
+    async def _send_loop(self, conn: AbstractConnection) -> None:
+        while True:
+            command, channel = await self._commands.get()
+            try:
+                await conn.send_command(command, channel, check_health=False)
+            except (RedisError, OSError) as exc:
+                # The read side sees the same failure and reconnects; nothing to add here.
+                log.debug("pubsub %s failed: %s", command, exc)
+                return
+
+    async def _read(self, conn: AbstractConnection) -> None:
+        pinged = False
+        while True:
+            # With an explicit timeout redis-py returns None instead of raising.
+            reply = await conn.read_response(disable_decoding=True, timeout=IDLE_PING_SECONDS)
+            if reply is None:
+                if pinged:
+                    raise RedisTimeoutError("pubsub connection silent after PING")
+                pinged = True
+                await conn.send_command("PING", check_health=False)
+                continue
+            pinged = False
+            self._handle(reply)
+
+    def _handle(self, reply: list[bytes]) -> str | None:
+        """Route one Pub/Sub reply; returns the channel a subscription confirmed, if any."""
+        kind = reply[0]
+        if kind == b"message":
+            self._on_message(reply[1], reply[2])
+        elif kind == b"subscribe":
+            channel = reply[1].decode()
+            self._confirm(channel)
+            return channel
+        return None
+
+    def _confirm(self, channel: str) -> None:
+        if channel in self._wanted:
+            self._confirmed.add(channel)
+        for waiter in self._waiters.pop(channel, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        self._confirmed.clear()
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+
+    async def close(self) -> None:
+        await self._drop()
+        await self._pool.disconnect()

@@ -1,0 +1,60 @@
+"""Reading a student's history for resume and catch-up.
+
+The decision is the heart of the "never silently stale" promise: either every event after
+the client's position is still in the history, in order and without holes, or the client is
+told to resync. There is no third outcome.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from . import keys
+from .protocol import EventId
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What follows a client's position: the missed frames, or why they cannot be had."""
+
+    frames: list[tuple[EventId, bytes]]
+    last_id: EventId | None
+    resync_reason: str | None = None
+
+
+async def current(redis: Redis, user: str) -> EventId | None:
+    epoch, seq = await redis.hmget(keys.meta(user), ["epoch", "seq"])
+    return _id(epoch, seq)
+
+
+async def after(redis: Redis, user: str, position: EventId | None) -> Replay:
+    """Every event after ``position`` (None: from the history's first event), or a resync."""
+    after_seq = 0 if position is None else position.seq
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hmget(keys.meta(user), ["epoch", "seq"])
+        pipe.xrange(keys.history(user), min=f"(0-{after_seq}", max="+")
+        meta, entries = await pipe.execute()
+    last = _id(*meta)
+    if last is None:
+        # No history at all: fine for a client that has seen nothing, a loss for one that has.
+        return Replay([], None, None if position is None else "history expired")
+    if position is not None and position.epoch != last.epoch:
+        return Replay([], last, "history epoch changed")
+    if after_seq > last.seq:
+        return Replay([], last, "unknown id")
+    frames = [
+        (EventId(last.epoch, int(entry_id.split(b"-")[1])), f[b"f"]) for entry_id, f in entries
+    ]
+    # The first missed event must directly follow the client's position, or some were
+    # trimmed away; entries past ``last`` cannot appear inside one transaction.
+    if after_seq < last.seq and (not frames or frames[0][0].seq != after_seq + 1):
+        return Replay([], last, "history trimmed")
+    return Replay(frames, last)
+
+
+def _id(epoch: bytes | str | None, seq: bytes | str | None) -> EventId | None:
+    if epoch is None or seq is None:
+        return None
+    return EventId(epoch.decode() if isinstance(epoch, bytes) else epoch, int(seq))

@@ -1,0 +1,45 @@
+"""Redis key and channel names for one student.
+
+Every name carries the hash tag ``{u:<id>}``, so a student's metadata, history, dedupe
+markers and channel live in one Redis Cluster slot: the publish script touches them
+atomically, and the same code runs on a single node or a cluster.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Ids from JWT ``sub`` claims and event fields: UUIDs, numeric ids, e-mail-like ids. The
+# limit keeps keys short and bars braces, which would change the hash tag.
+_USER_ID = re.compile(r"^[A-Za-z0-9_.:@|+-]{1,128}$")
+_CHANNEL_PREFIX = b"{u:"
+_CHANNEL_SUFFIX = b"}:chan"
+
+
+def valid_user_id(user: str) -> bool:
+    return _USER_ID.match(user) is not None
+
+
+def meta(user: str) -> str:
+    """Hash with ``epoch`` and ``seq``: the history's incarnation and last sequence number."""
+    return f"{{u:{user}}}:meta"
+
+
+def history(user: str) -> str:
+    """Stream of the student's recent event frames, entry id ``0-<seq>``."""
+    return f"{{u:{user}}}:hist"
+
+
+def dedupe(user: str, key: str) -> str:
+    """Marker holding the id already published for an event id or idempotency key."""
+    return f"{{u:{user}}}:dedupe:{key}"
+
+
+def channel(user: str) -> str:
+    return f"{{u:{user}}}:chan"
+
+
+def user_of_channel(name: bytes) -> str | None:
+    if name.startswith(_CHANNEL_PREFIX) and name.endswith(_CHANNEL_SUFFIX):
+        return name[len(_CHANNEL_PREFIX) : -len(_CHANNEL_SUFFIX)].decode()
+    return None

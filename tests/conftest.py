@@ -1,0 +1,59 @@
+"""Real servers for the suite: valkey-server and tansu on free loopback ports.
+
+``REDIS_URL`` / ``KAFKA_BOOTSTRAP_SERVERS`` point the suite at external servers instead
+(for example this machine's Redis 7). Tests isolate themselves with unique student ids,
+topics and consumer groups, so they never need to flush a shared server.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from notify_gateway import embedded
+
+from .support import GatewayServer, start_gateway
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    external = os.environ.get("REDIS_URL")
+    if external:
+        yield external
+        return
+    server = embedded.start_redis()
+    yield server.address
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    server = embedded.start_kafka()
+    yield server.address
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def student() -> str:
+    return f"student-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def gateway(redis_url: str) -> AsyncIterator[GatewayServer]:
+    async with start_gateway(redis_url) as server:
+        yield server

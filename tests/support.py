@@ -1,0 +1,130 @@
+"""Helpers shared by the integration tests: an in-process gateway and WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import uvicorn
+from websockets.asyncio.client import ClientConnection, connect
+
+from notify_gateway import config, embedded
+from notify_gateway.gateway.app import Gateway, create_app
+from notify_gateway.gateway.auth import mint
+from notify_gateway.gateway.server import uvicorn_config
+
+JWT_SECRET = "test-secret-" + "x" * 32
+API_KEY = "test-api-key-0123456789"
+
+
+def settings_env(redis_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "REDIS_URL": redis_url,
+        "NOTIFY_JWT_SECRET": JWT_SECRET,
+        "NOTIFY_API_KEYS": f"tests={API_KEY}",
+        "NOTIFY_HOST": "127.0.0.1",
+        **extra,
+    }
+
+
+def token(user: str, ttl: int = 3600) -> str:
+    return mint(config.load_jwt(settings_env("redis://unused")), user, ttl)
+
+
+@dataclass
+class GatewayServer:
+    url: str
+    gateway: Gateway
+
+    def ws_url(self, user: str | None = None, since: str | None = None, **params: str) -> str:
+        query = dict(params)
+        if user is not None:
+            query["token"] = token(user)
+        if since is not None:
+            query["since"] = since
+        suffix = "&".join(f"{k}={v}" for k, v in query.items())
+        return f"{self.url.replace('http', 'ws', 1)}/ws" + (f"?{suffix}" if suffix else "")
+
+
+@contextlib.asynccontextmanager
+async def start_gateway(redis_url: str, **extra: str) -> AsyncIterator[GatewayServer]:
+    """A real gateway (uvicorn, websockets-sansio) in this event loop on a free port."""
+    port = embedded.free_port()
+    settings = config.load_gateway(settings_env(redis_url, PORT=str(port), **extra))
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    gateway: Gateway = app.state.gateway
+    await asyncio.wait_for(gateway.reader.connected.wait(), 5)
+    try:
+        yield GatewayServer(f"http://127.0.0.1:{port}", gateway)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
+    frame = await asyncio.wait_for(ws.recv(), timeout)
+    doc: dict[str, Any] = orjson.loads(frame)
+    return doc
+
+
+async def open_client(url: str) -> tuple[ClientConnection, dict[str, Any]]:
+    """Connect and return the socket with its welcome frame."""
+    ws = await connect(url)
+    welcome = await recv_json(ws)
+    assert welcome["type"] == "welcome", welcome
+    return ws, welcome
+
+
+async def events(ws: ClientConnection, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Exactly ``count`` frames; fails if they do not all arrive in time."""
+    frames: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(frames) < count:
+        frames.append(await recv_json(ws, max(0.01, deadline - loop.time())))
+    return frames
+
+
+async def nothing_arrives(ws: ClientConnection, within: float = 0.5) -> None:
+    with contextlib.suppress(TimeoutError):
+        frame = await asyncio.wait_for(ws.recv(), within)
+        raise AssertionError(f"unexpected frame: {frame!r}")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def produce(
+    bootstrap: str, topic: str, events: list[dict[str, Any] | bytes], key: str | None = None
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for event in events:
+            value = event if isinstance(event, bytes) else orjson.dumps(event)
+            await producer.send_and_wait(topic, value, key=None if key is None else key.encode())
+    finally:
+        await producer.stop()
+
+
+def domain_event(event_type: str, event_id: str | None = None, **data: Any) -> dict[str, Any]:
+    return {
+        "eventId": event_id or unique("evt"),
+        "eventType": event_type,
+        "occurredAt": "2026-11-21T10:00:00+00:00",
+        "data": data,
+    }

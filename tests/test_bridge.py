@@ -1,0 +1,163 @@
+"""The bridge against a real Kafka-protocol broker, a real Redis and real WebSockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from redis.asyncio import Redis
+
+from notify_gateway import config, embedded
+from notify_gateway.bridge import rules
+from notify_gateway.bridge.consumer import Bridge
+
+from .support import (
+    GatewayServer,
+    domain_event,
+    events,
+    nothing_arrives,
+    open_client,
+    produce,
+    unique,
+)
+
+
+@dataclass
+class RunningBridge:
+    topic: str
+    dlq: str
+    group: str
+
+
+@contextlib.asynccontextmanager
+async def run_bridge(
+    redis_url: str, bootstrap: str, topic: str | None = None, group: str | None = None
+) -> AsyncIterator[RunningBridge]:
+    topic = topic or unique("events")
+    dlq = f"{topic}.dlq"
+    group = group or unique("group")
+    await embedded.create_topics(bootstrap, [topic, dlq])
+    settings = config.load_bridge(
+        {
+            "REDIS_URL": redis_url,
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "NOTIFY_KAFKA_TOPICS": topic,
+            "NOTIFY_KAFKA_GROUP": group,
+            "NOTIFY_DLQ_TOPIC": dlq,
+        }
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(Bridge(settings, rules.load(None)).run(stop))
+    try:
+        yield RunningBridge(topic, dlq, group)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 20) -> list[Any]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        found: list[Any] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(found) < count and loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for messages in batch.values():
+                found.extend(messages)
+        return found
+    finally:
+        await consumer.stop()
+
+
+async def test_purchase_created_reaches_the_student_and_clears_the_cache(
+    gateway: GatewayServer, redis: Redis, redis_url: str, kafka_bootstrap: str, student: str
+) -> None:
+    cache_keys = [f"student:home:{student}", f"student:learning:{student}"]
+    await redis.mset(dict.fromkeys(cache_keys, "stale"))
+    ws, _ = await open_client(gateway.ws_url(student))
+    other, _ = await open_client(gateway.ws_url(student + "-other"))
+    async with run_bridge(redis_url, kafka_bootstrap) as bridge:
+        await produce(
+            kafka_bootstrap,
+            bridge.topic,
+            [
+                domain_event(
+                    "PURCHASE_CREATED",
+                    studentId=student,
+                    courseId="c1",
+                    purchaseId="p1",
+                    purchaseTier=30,
+                    startDate="2026-01-09",
+                    timeSlot="06:00",
+                )
+            ],
+            key=student,
+        )
+        [frame] = await events(ws, 1, timeout=30)
+    assert frame["event"] == "COURSE_PURCHASED"
+    assert frame["data"] == {
+        "purchaseId": "p1",
+        "courseId": "c1",
+        "purchaseTier": 30,
+        "startDate": "2026-01-09",
+        "timeSlot": "06:00",
+    }
+    assert frame["invalidate"] == ["home", "learning"]
+    assert await redis.exists(*cache_keys) == 0
+    await nothing_arrives(other)
+
+
+async def test_redelivered_event_is_not_notified_twice(
+    gateway: GatewayServer, redis_url: str, kafka_bootstrap: str, student: str
+) -> None:
+    ws, _ = await open_client(gateway.ws_url(student))
+    event = domain_event("TRAINER_ALLOCATED", studentId=student, allocationId="a1", trainerId="t1")
+    async with run_bridge(redis_url, kafka_bootstrap) as bridge:
+        # The same eventId twice, as after a crash between publish and commit.
+        await produce(kafka_bootstrap, bridge.topic, [event, event], key=student)
+        [frame] = await events(ws, 1, timeout=30)
+        await nothing_arrives(ws, within=1.0)
+    assert frame["event"] == "TRAINER_ALLOCATED"
+
+
+async def test_poison_messages_are_dead_lettered_and_the_stream_goes_on(
+    gateway: GatewayServer, redis_url: str, kafka_bootstrap: str, student: str
+) -> None:
+    ws, _ = await open_client(gateway.ws_url(student))
+    poison: list[dict[str, object] | bytes] = [
+        b"not json",
+        {"eventType": "PURCHASE_CREATED", "data": {"studentId": student}},
+        domain_event("PURCHASE_CREATED", courseId="no-student"),
+    ]
+    good = domain_event("SESSIONS_GENERATED", studentId=student, sessionCount=30)
+    unknown = domain_event("SOMETHING_NEW", studentId=student)
+    async with run_bridge(redis_url, kafka_bootstrap) as bridge:
+        await produce(kafka_bootstrap, bridge.topic, [*poison, unknown, good], key=student)
+        [frame] = await events(ws, 1, timeout=30)
+        letters = await read_topic(kafka_bootstrap, bridge.dlq, 3)
+    assert frame["event"] == "SESSIONS_GENERATED"
+    assert len(letters) == 3
+    reasons = sorted(dict(m.headers)["notify-dlq-reason"].decode() for m in letters)
+    assert reasons[:2] == [
+        "data.studentId (a recipient) is missing or not a valid user id",
+        "eventId is missing",
+    ]
+    assert reasons[2].startswith("value is not JSON")
+    for message in letters:
+        headers = dict(message.headers)
+        assert headers["notify-dlq-topic"] == bridge.topic.encode()
+        assert message.key == student.encode()
+    assert {m.value for m in letters} == {
+        b"not json",
+        *(orjson.dumps(p) for p in poison[1:]),
+    }

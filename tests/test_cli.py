@@ -1,0 +1,71 @@
+"""The ``notify`` command's own contract: one-line configuration errors, tokens."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from notify_gateway import config
+from notify_gateway.gateway.auth import TokenVerifier
+
+
+def notify(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "REDIS_", "KAFKA_"))
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "notify_gateway.cli", *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "variable"),
+    [
+        ("gateway", {}, "REDIS_URL"),
+        ("gateway", {"REDIS_URL": "redis://x:1"}, "NOTIFY_JWT_SECRET"),
+        (
+            "gateway",
+            {"REDIS_URL": "redis://x:1", "NOTIFY_JWT_SECRET": "s" * 32, "PORT": "x"},
+            "PORT",
+        ),
+        ("bridge", {"REDIS_URL": "redis://x:1"}, "KAFKA_BOOTSTRAP_SERVERS"),
+        ("token", {}, "NOTIFY_JWT_SECRET"),
+    ],
+)
+def test_configuration_errors_are_one_line_naming_the_variable(
+    command: str, env: dict[str, str], variable: str
+) -> None:
+    args = [command, "someone"] if command == "token" else [command]
+    result = notify(*args, **env)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"notify: error: {variable}: ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_bad_rules_file_stops_the_bridge(tmp_path: object) -> None:
+    result = notify(
+        "bridge",
+        REDIS_URL="redis://x:1",
+        KAFKA_BOOTSTRAP_SERVERS="x:1",
+        NOTIFY_RULES="/nonexistent/rules.toml",
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("notify: error: /nonexistent/rules.toml:")
+
+
+def test_token_command_mints_a_verifiable_token() -> None:
+    secret = "z" * 32
+    result = notify("token", "student-42", "--ttl", "120", NOTIFY_JWT_SECRET=secret)
+    assert result.returncode == 0, result.stderr
+    claims = TokenVerifier(config.load_jwt({"NOTIFY_JWT_SECRET": secret})).verify(
+        result.stdout.strip()
+    )
+    assert claims.user_id == "student-42"

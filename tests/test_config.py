@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import pytest
+
+from notify_gateway import config
+from notify_gateway.config import ConfigError
+
+BASE = {"REDIS_URL": "redis://127.0.0.1:6379/0", "NOTIFY_JWT_SECRET": "s" * 32}
+
+
+def test_gateway_defaults() -> None:
+    settings = config.load_gateway(BASE)
+    assert settings.port == 8000
+    assert settings.jwt.algorithms == ("HS256",)
+    assert settings.history.size == 100
+    assert settings.history.ttl == 86_400
+    assert settings.api_keys == {}
+
+
+@pytest.mark.parametrize(
+    ("change", "variable"),
+    [
+        ({"REDIS_URL": ""}, "REDIS_URL"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        ({"PORT": "eighty"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"NOTIFY_JWT_SECRET": ""}, "NOTIFY_JWT_SECRET"),
+        ({"NOTIFY_JWT_SECRET": "short"}, "NOTIFY_JWT_SECRET"),
+        ({"NOTIFY_JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----"}, "NOTIFY_JWT_SECRET"),
+        ({"NOTIFY_API_KEYS": "nokey"}, "NOTIFY_API_KEYS"),
+        ({"NOTIFY_API_KEYS": "a=0123456789abcdef,a=0123456789abcdeg"}, "NOTIFY_API_KEYS"),
+        ({"NOTIFY_HISTORY_SIZE": "0"}, "NOTIFY_HISTORY_SIZE"),
+    ],
+)
+def test_bad_gateway_values_name_the_variable(change: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        config.load_gateway({**BASE, **change})
+    assert error.value.name == variable
+    assert str(error.value).startswith(f"{variable}: ")
+    assert "\n" not in str(error.value)
+
+
+def test_public_key_selects_its_algorithm() -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    env = {"REDIS_URL": BASE["REDIS_URL"], "NOTIFY_JWT_PUBLIC_KEY": pem}
+    jwt = config.load_gateway(env).jwt
+    assert jwt.algorithms == ("ES256",)
+    assert not jwt.can_mint
+
+
+def test_api_keys_parse() -> None:
+    settings = config.load_gateway(
+        {**BASE, "NOTIFY_API_KEYS": "backend=0123456789abcdef, ops=fedcba9876543210"}
+    )
+    assert settings.api_keys == {"backend": "0123456789abcdef", "ops": "fedcba9876543210"}
+
+
+def test_kafka_settings() -> None:
+    kafka = config.load_kafka({"KAFKA_BOOTSTRAP_SERVERS": "a:9092,b:9092"})
+    assert kafka.topics == ("purchase.events", "allocation.events", "session.events")
+    assert kafka.group == "notify-bridge"
+    assert kafka.dlq_topic == "notify.dlq"
+    with pytest.raises(ConfigError, match=r"^KAFKA_BOOTSTRAP_SERVERS"):
+        config.load_kafka({"KAFKA_BOOTSTRAP_SERVERS": "nohostport"})
+    with pytest.raises(ConfigError, match=r"^NOTIFY_KAFKA_TOPICS"):
+        config.load_kafka({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "NOTIFY_KAFKA_TOPICS": "bad topic"})
+    with pytest.raises(ConfigError, match=r"^NOTIFY_DLQ_TOPIC"):
+        config.load_kafka(
+            {"KAFKA_BOOTSTRAP_SERVERS": "a:1", "NOTIFY_KAFKA_TOPICS": "t", "NOTIFY_DLQ_TOPIC": "t"}
+        )

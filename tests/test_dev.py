@@ -1,0 +1,83 @@
+"""``notify dev`` on a bare machine: it starts everything, and its banner's commands work."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+from websockets.sync.client import connect
+
+from notify_gateway import embedded
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, set[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), set()).add(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "REDIS_", "KAFKA_"))}
+    env["PORT"] = str(embedded.free_port())
+    started = time.monotonic()
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "notify_gateway.cli", "dev"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert dev.stdout is not None
+    banner = ""
+    try:
+        while "Send a demo" not in banner or not banner.rstrip().endswith("purchaseTier=30"):
+            assert time.monotonic() - started < 30, f"no banner within 30 s:\n{banner}"
+            ready, _, _ = select.select([dev.stdout], [], [], 1)
+            if ready:
+                banner += dev.stdout.readline()
+        ws_url = re.search(r"'(ws://\S+/ws\?token=\S+)'", banner)
+        send = re.search(r"(KAFKA_BOOTSTRAP_SERVERS=\S+ .*send-event .*\\\n.*)", banner)
+        assert ws_url, banner
+        assert send, banner
+        command = send.group(1).replace("\\\n", " ")
+        with connect(ws_url.group(1)) as ws:
+            assert orjson.loads(ws.recv(5))["type"] == "welcome"
+            command = command.replace(
+                command.split()[1], f"{sys.executable} -m notify_gateway.cli", 1
+            )
+            subprocess.run(command, shell=True, check=True, timeout=60, capture_output=True)
+            frame = orjson.loads(ws.recv(30))
+        assert frame["event"] == "COURSE_PURCHASED"
+        assert frame["data"]["purchaseTier"] == 30
+        family = descendants(dev.pid)
+        assert len(family) >= 4  # valkey-server, tansu, bridge, gateway
+    finally:
+        dev.send_signal(signal.SIGTERM)
+        code = dev.wait(20)
+    assert code == 0
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in family if alive(pid)], "orphan processes left behind"

@@ -1,0 +1,128 @@
+"""The gateway against a real Redis and real WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from notify_gateway.broker import Notification, Publisher
+from notify_gateway.config import load_history
+
+from .support import GatewayServer, events, nothing_arrives, open_client, recv_json, token
+
+
+def publisher(redis: Redis) -> Publisher:
+    return Publisher(redis, load_history({}))
+
+
+async def test_event_reaches_every_device_of_the_student_and_no_one_else(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    phone, welcome = await open_client(gateway.ws_url(student))
+    tablet, _ = await open_client(gateway.ws_url(student))
+    other, _ = await open_client(gateway.ws_url(student + "-other"))
+    assert welcome == {"type": "welcome", "user": student, "last_id": None, "recovered": False}
+
+    published = await publisher(redis).publish(
+        Notification(student, "COURSE_PURCHASED", {"courseId": "c1"}, ("home", "learning"))
+    )
+
+    for ws in (phone, tablet):
+        [frame] = await events(ws, 1)
+        assert frame["type"] == "event"
+        assert frame["id"] == str(published.id)
+        assert frame["event"] == "COURSE_PURCHASED"
+        assert frame["data"] == {"courseId": "c1"}
+        assert frame["invalidate"] == ["home", "learning"]
+        assert isinstance(frame["ts"], int)
+    await nothing_arrives(other)
+    for ws in (phone, tablet, other):
+        await ws.close()
+
+
+async def test_events_arrive_in_publish_order_with_increasing_ids(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    ws, _ = await open_client(gateway.ws_url(student))
+    pub = publisher(redis)
+    ids = [(await pub.publish(Notification(student, "E", {"n": n}))).id for n in range(50)]
+    frames = await events(ws, 50)
+    assert [f["data"]["n"] for f in frames] == list(range(50))
+    assert [f["id"] for f in frames] == [str(i) for i in ids]
+    assert [i.seq for i in ids] == list(range(1, 51))
+    await ws.close()
+
+
+async def test_duplicate_dedupe_key_delivers_once(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    ws, _ = await open_client(gateway.ws_url(student))
+    pub = publisher(redis)
+    first = await pub.publish(Notification(student, "E", dedupe_key="ev:1"))
+    again = await pub.publish(Notification(student, "E", dedupe_key="ev:1"))
+    assert again.duplicate
+    assert again.id == first.id
+    [frame] = await events(ws, 1)
+    assert frame["id"] == str(first.id)
+    await nothing_arrives(ws)
+    await ws.close()
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["", "?token=not-a-jwt", f"?token={token('someone', ttl=-10)}"],
+    ids=["missing", "malformed", "expired"],
+)
+async def test_bad_token_is_refused_with_401_before_upgrade(
+    gateway: GatewayServer, query: str
+) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(gateway.ws_url() + query)
+    assert refused.value.response.status_code == 401
+    assert b"unauthorized" in refused.value.response.body
+
+
+async def test_token_in_authorization_header(gateway: GatewayServer, student: str) -> None:
+    ws = await connect(
+        gateway.ws_url(), additional_headers={"Authorization": f"Bearer {token(student)}"}
+    )
+    welcome = await recv_json(ws)
+    assert welcome["user"] == student
+    await ws.close()
+
+
+async def test_application_ping_is_answered(gateway: GatewayServer, student: str) -> None:
+    ws, _ = await open_client(gateway.ws_url(student))
+    await ws.send('{"type":"ping"}')
+    await ws.send('{"type":"something-newer"}')
+    await ws.send('{"type":"ping"}')
+    assert await events(ws, 2) == [{"type": "pong"}, {"type": "pong"}]
+    await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"), [("not json", 1008), ("[1,2]", 1008), ("x" * 5000, 1009)]
+)
+async def test_bad_client_frames_close_with_documented_codes(
+    gateway: GatewayServer, student: str, frame: str, code: int
+) -> None:
+    ws, _ = await open_client(gateway.ws_url(student))
+    await ws.send(frame)
+    with pytest.raises(ConnectionClosed) as closed:
+        await asyncio.wait_for(ws.recv(), 5)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == code
+
+
+async def test_healthz_and_readyz(gateway: GatewayServer) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=gateway.url) as http:
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json() == {"ready": True}

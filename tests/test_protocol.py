@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from notify_gateway import protocol
+from notify_gateway.protocol import CloseCode, EventId, ProtocolViolation
+
+
+def test_event_ids_round_trip_and_order() -> None:
+    parsed = protocol.parse_event_id("a1b2c3d4-42")
+    assert parsed == EventId("a1b2c3d4", 42)
+    assert str(parsed) == "a1b2c3d4-42"
+    assert EventId("e", 43).follows(EventId("e", 42))
+    assert not EventId("f", 43).follows(EventId("e", 42))
+
+
+@pytest.mark.parametrize("raw", ["", "42", "e-0", "e-01", "E-1", "e--1", "e-1-2", "e-1x"])
+def test_malformed_event_ids(raw: str) -> None:
+    assert protocol.parse_event_id(raw) is None
+
+
+def test_event_frame_id_is_read_without_parsing_json() -> None:
+    body = protocol.event_body("E", {"a": "é"}, ["home"], 1)
+    frame = b'{"type":"event","id":"ab-7",' + body
+    assert orjson.loads(frame) == {
+        "type": "event",
+        "id": "ab-7",
+        "event": "E",
+        "data": {"a": "é"},
+        "invalidate": ["home"],
+        "ts": 1,
+    }
+    assert protocol.event_id_of(frame) == EventId("ab", 7)
+    assert protocol.event_id_of(b'{"type":"pong"}') is None
+
+
+def test_client_frames() -> None:
+    assert isinstance(protocol.parse_client_frame('{"type":"ping"}'), protocol.Ping)
+    assert isinstance(protocol.parse_client_frame('{"type":"future"}'), protocol.Ignored)
+    with pytest.raises(ProtocolViolation) as bad:
+        protocol.parse_client_frame("nope")
+    assert bad.value.code == CloseCode.POLICY_VIOLATION
+    with pytest.raises(ProtocolViolation) as big:
+        protocol.parse_client_frame(b"{" + b" " * 5000 + b"}")
+    assert big.value.code == CloseCode.TOO_BIG
