@@ -47,16 +47,17 @@ def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly() -> 
     started = time.monotonic()
     dev = subprocess.Popen(
         [sys.executable, "-m", "notify_gateway.cli", "dev"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     assert dev.stdout is not None
     banner = ""
     try:
         while "Send a demo" not in banner or not banner.rstrip().endswith("purchaseTier=30"):
             assert time.monotonic() - started < 30, f"no banner within 30 s:\n{banner}"
+            # Raw reads: a buffered readline() would hide data from select().
             ready, _, _ = select.select([dev.stdout], [], [], 1)
             if ready:
-                banner += dev.stdout.readline()
+                banner += os.read(dev.stdout.fileno(), 65536).decode()
         ws_url = re.search(r"'(ws://\S+/ws\?token=\S+)'", banner)
         send = re.search(r"(KAFKA_BOOTSTRAP_SERVERS=\S+ .*send-event .*\\\n.*)", banner)
         assert ws_url, banner
