@@ -42,6 +42,14 @@ def kafka_bootstrap() -> Iterator[str]:
 
 
 @pytest.fixture
+def private_redis() -> Iterator[embedded.Server]:
+    """A valkey-server of this test's own, for FLUSHALL, restarts and CLIENT KILL."""
+    server = embedded.start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
     yield client

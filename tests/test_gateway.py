@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from redis.asyncio import Redis
@@ -126,3 +127,25 @@ async def test_healthz_and_readyz(gateway: GatewayServer) -> None:
         ready = await http.get("/readyz")
         assert ready.status_code == 200
         assert ready.json() == {"ready": True}
+
+
+async def test_tokens_never_reach_the_logs(
+    gateway: GatewayServer, student: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = token(student)
+    ws = await connect(gateway.ws_url() + f"?token={secret}")
+    await recv_json(ws)
+    await ws.close()
+    with pytest.raises(InvalidStatus):
+        await connect(gateway.ws_url() + f"?token={secret}x")
+    ws = await connect(gateway.ws_url(), additional_headers={"Authorization": f"Bearer {secret}"})
+    await recv_json(ws)
+    await ws.close()
+    await asyncio.sleep(0.1)
+    # The test's own client logs its request line; only the server's records matter here.
+    server = "\n".join(
+        r.getMessage() for r in caplog.records if r.name.startswith(("uvicorn", "notify"))
+    )
+    assert "/ws?token=[redacted]" in server
+    assert secret.split(".")[2] not in server

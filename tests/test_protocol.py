@@ -44,3 +44,12 @@ def test_client_frames() -> None:
     with pytest.raises(ProtocolViolation) as big:
         protocol.parse_client_frame(b"{" + b" " * 5000 + b"}")
     assert big.value.code == CloseCode.TOO_BIG
+
+
+def test_redaction() -> None:
+    from notify_gateway.logs import redact
+
+    assert redact('"WebSocket /ws?token=abc.def.ghi&since=x-1"') == (
+        '"WebSocket /ws?token=[redacted]&since=x-1"'
+    )
+    assert redact("Authorization: Bearer abc.def") == "Authorization: Bearer [redacted]"

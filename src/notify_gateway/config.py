@@ -170,6 +170,9 @@ class GatewaySettings:
     send_queue_bytes: int
     ping_interval: float
     ping_timeout: float
+    max_connections: int
+    max_connections_per_user: int
+    presence_ttl: int
 
 
 def load_gateway(env: Mapping[str, str]) -> GatewaySettings:
@@ -183,6 +186,9 @@ def load_gateway(env: Mapping[str, str]) -> GatewaySettings:
         send_queue_bytes=_int(env, "NOTIFY_SEND_QUEUE_BYTES", 1 << 20, 4096, 1 << 30),
         ping_interval=_int(env, "NOTIFY_PING_INTERVAL", 20, 1, 3600),
         ping_timeout=_int(env, "NOTIFY_PING_TIMEOUT", 20, 1, 3600),
+        max_connections=_int(env, "NOTIFY_MAX_CONNECTIONS", 50_000, 1, 10_000_000),
+        max_connections_per_user=_int(env, "NOTIFY_MAX_CONNECTIONS_PER_USER", 10, 1, 10_000),
+        presence_ttl=_int(env, "NOTIFY_PRESENCE_TTL", 45, 3, 600),
     )
 
 

@@ -35,6 +35,16 @@ def dedupe(user: str, key: str) -> str:
     return f"{{u:{user}}}:dedupe:{key}"
 
 
+def presence(user: str) -> str:
+    """Hash gateway process id -> the student's connection count on that process."""
+    return f"{{u:{user}}}:presence"
+
+
+def process(process_id: str) -> str:
+    """Heartbeat of one gateway process; presence counts of a process without it are void."""
+    return f"notify:process:{process_id}"
+
+
 def channel(user: str) -> str:
     return f"{{u:{user}}}:chan"
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from .. import redis_client
 from ..broker import Publisher
 from ..config import BridgeSettings
 from . import envelope, rules
@@ -69,7 +69,7 @@ class Bridge:
     def __init__(self, settings: BridgeSettings, rule_set: dict[str, Rule]) -> None:
         self._settings = settings
         self._rules = rule_set
-        self._redis = Redis.from_url(settings.redis_url)
+        self._redis = redis_client.client(settings.redis_url)
         self._publisher = Publisher(self._redis, settings.history)
         self._consumer, self._producer = self._new_clients()
         self.idle = asyncio.Event()

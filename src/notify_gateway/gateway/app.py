@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -16,17 +16,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from .. import protocol
+from .. import protocol, redis_client
 from ..config import GatewaySettings
 from ..protocol import CloseCode, ProtocolViolation
+from . import api
 from .auth import AuthError, TokenVerifier, bearer
 from .connection import Connection
 from .hub import Hub, JoinRefused
+from .presence import PresenceWriter
 from .reader import Reader
 
 log = logging.getLogger(__name__)
-
-MAX_CONNECTIONS_PER_USER = 10
 
 
 class Gateway:
@@ -34,24 +34,40 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.redis = Redis.from_url(settings.redis_url)
-        self.reader = Reader(settings.redis_url)
-        self.hub = Hub(self.reader, MAX_CONNECTIONS_PER_USER)
+        self.process_id = secrets.token_hex(6)
+        self.redis = redis_client.client(settings.redis_url)
+        self.reader = Reader(settings.redis_url, f"notify:probe:{self.process_id}")
+        self.presence = PresenceWriter(
+            self.redis,
+            self.process_id,
+            settings.presence_ttl,
+            lambda user: self.hub.connections(user),
+        )
+        self.hub = Hub(self.reader, settings.max_connections_per_user, self.presence.changed)
         self.verifier = TokenVerifier(settings.jwt)
-        self._reader_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._reader_task = asyncio.create_task(self.reader.run())
+        self._tasks = [
+            asyncio.create_task(self.reader.run()),
+            asyncio.create_task(self.reader.probe(self.redis)),
+            asyncio.create_task(self.presence.run()),
+        ]
 
     async def stop(self) -> None:
-        if self._reader_task is not None:
-            self._reader_task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reader_task
+                await task
+        await self.presence.withdraw()
         await self.reader.close()
         await self.redis.aclose()
 
     async def serve(self, websocket: WebSocket) -> None:
+        if self.hub.connection_count >= self.settings.max_connections:
+            await self._deny(websocket, 503, "overloaded", CloseCode.TRY_AGAIN_LATER)
+            return
         token = bearer(websocket.headers.get("authorization")) or websocket.query_params.get(
             "token"
         )
@@ -60,7 +76,7 @@ class Gateway:
                 raise AuthError("missing token")
             claims = self.verifier.verify(token)
         except AuthError as exc:
-            await self._refuse(websocket, str(exc))
+            await self._deny(websocket, 401, str(exc), CloseCode.UNAUTHORIZED)
             return
         await websocket.accept()
         conn = Connection(websocket, claims.user_id, self.redis, self.settings.send_queue_bytes)
@@ -87,15 +103,16 @@ class Gateway:
             writer.cancel()
 
     @staticmethod
-    async def _refuse(websocket: WebSocket, reason: str) -> None:
-        """HTTP 401 before the upgrade; 4401 after it where the server cannot answer HTTP."""
+    async def _deny(websocket: WebSocket, status: int, reason: str, fallback: CloseCode) -> None:
+        """An HTTP error before the upgrade; a close code where the server cannot send one."""
         if "websocket.http.response" in websocket.scope.get("extensions", {}):
+            code = "unauthorized" if status == 401 else "unavailable"
             await websocket.send_denial_response(
-                JSONResponse({"error": {"code": "unauthorized", "message": reason}}, 401)
+                JSONResponse({"error": {"code": code, "message": reason, "field": None}}, status)
             )
         else:
             await websocket.accept()
-            await websocket.close(CloseCode.UNAUTHORIZED, reason)
+            await websocket.close(fallback, reason)
 
     async def _receive(
         self, websocket: WebSocket, conn: Connection, writer: asyncio.Task[None]
@@ -139,7 +156,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(_request: Request) -> Response:
-        ready = gateway.reader.connected.is_set()
+        ready = gateway.reader.delivering
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     app = Starlette(
@@ -147,6 +164,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             WebSocketRoute("/ws", gateway.serve),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            *api.routes(api.ApiKeys(settings.api_keys), gateway.redis),
         ],
         lifespan=lifespan,
     )

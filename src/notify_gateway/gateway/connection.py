@@ -5,6 +5,10 @@ appends to a bounded queue that this connection's own writer task drains. A clie
 cannot keep up overflows its queue and is closed (it resumes from history later), so one
 slow phone never delays anyone else.
 
+Frames replayed from history are queued without counting against that limit: they are
+bounded by the history size already, and a client resuming a long backlog is catching up,
+not falling behind.
+
 The connection also keeps the id of the last event it queued. That position is what makes
 delivery exact: a live frame at or before it is a duplicate from the seam between history
 and live, and a live frame that skips past it reveals a gap, which is filled from history
@@ -27,6 +31,10 @@ from ..protocol import CloseCode, EventId
 
 log = logging.getLogger(__name__)
 
+# How long a close frame may wait for a socket the client is not reading; after that the
+# handler ends and the server drops the connection without it.
+CLOSE_TIMEOUT = 10.0
+
 
 class Connection:
     def __init__(self, websocket: WebSocket, user: str, redis: Redis, max_queue_bytes: int):
@@ -34,6 +42,7 @@ class Connection:
         self._ws = websocket
         self._redis = redis
         self._max_queue_bytes = max_queue_bytes
+        # (frame, bytes charged against max_queue_bytes)
         self._queue: deque[tuple[str, int]] = deque()
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
@@ -44,6 +53,8 @@ class Connection:
         self._catch_up: asyncio.Task[None] | None = None
         self._catch_up_again = False
         self._started = False
+        self._writer: asyncio.Task[None] | None = None
+        self._sending = False
 
     @property
     def closing(self) -> bool:
@@ -116,9 +127,11 @@ class Connection:
     async def _catch_up_loop(self) -> None:
         try:
             while self._catch_up_again:
-                self._catch_up_again = False
-                self._apply(await history.after(self._redis, self.user, self._last))
-            self._go_live()
+                while self._catch_up_again:
+                    self._catch_up_again = False
+                    self._apply(await history.after(self._redis, self.user, self._last))
+                # Releasing the held frames may reveal another hole, which asks again.
+                self._go_live()
         except RedisError as exc:
             log.warning("catch-up failed for a connection, closing it: %s", exc)
             self.close(CloseCode.TRY_AGAIN_LATER)
@@ -130,9 +143,10 @@ class Connection:
             self.send(protocol.resync(replay.resync_reason, replay.last_id))
             self._last = replay.last_id
             return
-        for event_id, frame in replay.frames:
-            self._enqueue(frame.decode(), len(frame))
-            self._last = event_id
+        for _event_id, frame in replay.frames:
+            self._enqueue(frame.decode(), 0)
+        # The read was one transaction: the frames end exactly at last_id.
+        self._last = replay.last_id
 
     def _go_live(self) -> None:
         held, self._held = self._held or [], None
@@ -143,14 +157,14 @@ class Connection:
                 self._held.extend(held[i + 1 :])
                 return
 
-    def _enqueue(self, frame: str, size: int) -> None:
+    def _enqueue(self, frame: str, charge: int) -> None:
         if self.closing:
             return
-        if self._queued_bytes + size > self._max_queue_bytes:
+        if self._queued_bytes + charge > self._max_queue_bytes:
             self.close(CloseCode.SLOW_CONSUMER)
             return
-        self._queue.append((frame, size))
-        self._queued_bytes += size
+        self._queue.append((frame, charge))
+        self._queued_bytes += charge
         self._wakeup.set()
 
     def close(self, code: CloseCode) -> None:
@@ -161,20 +175,32 @@ class Connection:
         self._queue.clear()
         self._queued_bytes = 0
         self._wakeup.set()
+        if self._sending and self._writer is not None:
+            # The send is waiting for a socket the client does not read: interrupt it. The
+            # server writes a frame only once the socket is writable, so none is cut in half.
+            self._writer.cancel()
 
     async def write_loop(self) -> None:
         """Drain the queue into the socket; the only place that awaits a WebSocket send."""
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._queue and not self.closing:
-                frame, size = self._queue.popleft()
-                self._queued_bytes -= size
-                await self._ws.send_text(frame)
-            if self._close_code is not None:
-                with contextlib.suppress(RuntimeError, OSError):
-                    await self._ws.close(self._close_code)
-                return
+        self._writer = asyncio.current_task()
+        try:
+            while not self.closing:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._queue and not self.closing:
+                    frame, charge = self._queue.popleft()
+                    self._queued_bytes -= charge
+                    self._sending = True
+                    await self._ws.send_text(frame)
+                    self._sending = False
+        except asyncio.CancelledError:
+            if not self.closing or self._writer is None:
+                raise
+            self._writer.uncancel()
+        code = self._close_code
+        if code is not None:
+            with contextlib.suppress(RuntimeError, OSError, TimeoutError):
+                await asyncio.wait_for(self._ws.close(code), CLOSE_TIMEOUT)
 
     def stop(self) -> None:
         if self._catch_up is not None:

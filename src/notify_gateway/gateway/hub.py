@@ -9,6 +9,7 @@ handed to every connection's queue, so the reader never waits on a socket.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from .. import keys
 from ..protocol import CloseCode, event_id_of
@@ -26,9 +27,11 @@ class JoinRefused(Exception):
 
 
 class Hub:
-    def __init__(self, reader: Reader, max_per_user: int) -> None:
+    def __init__(self, reader: Reader, max_per_user: int, on_change: Callable[[str], None]) -> None:
         self._reader = reader
         self._max_per_user = max_per_user
+        # Told which student's connection count changed (presence).
+        self._on_change = on_change
         self._users: dict[str, set[Connection]] = {}
         reader.attach(self.dispatch, self.pause, self.resume)
 
@@ -45,6 +48,7 @@ class Hub:
         if len(conns) >= self._max_per_user:
             raise JoinRefused(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
         conns.add(conn)
+        self._on_change(conn.user)
         try:
             await asyncio.wait_for(
                 self._reader.subscribe(keys.channel(conn.user)), SUBSCRIBE_TIMEOUT
@@ -58,6 +62,7 @@ class Hub:
         if conns is None:
             return
         conns.discard(conn)
+        self._on_change(conn.user)
         if not conns:
             del self._users[conn.user]
             self._reader.unsubscribe(keys.channel(conn.user))
@@ -80,7 +85,11 @@ class Hub:
                 conn.hold()
 
     def resume(self) -> None:
-        """Subscriptions are back: fill every connection's gap from history."""
-        for conns in self._users.values():
+        """Subscriptions are back: fill every connection's gap from history.
+
+        Redis may have restarted and lost presence too, so every count is rewritten.
+        """
+        for user, conns in self._users.items():
+            self._on_change(user)
             for conn in conns:
                 conn.request_catch_up()

@@ -1,9 +1,15 @@
-"""The process's one Redis Pub/Sub connection.
+"""The process's one Redis Pub/Sub connection, and the probe that proves it delivers.
 
 Written on a bare redis-py connection rather than its PubSub helper so that reconnection is
 explicit: a dropped connection means frames were published that this process never saw,
 and the hub must hold every student's live stream and refill it from history once the
 subscriptions are confirmed again. A helper that silently reconnects would hide that gap.
+
+A connection can also look healthy while delivering nothing (a half-open TCP connection, a
+subscription lost on the server side). So the process publishes to a probe channel of its
+own every second, through its ordinary Redis client, and expects to read it back here; when
+the probe stops arriving the process reports not ready and replaces the connection, which
+triggers the same catch-up as any other loss.
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
+from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -22,17 +30,20 @@ log = logging.getLogger(__name__)
 # SUBSCRIBE arguments per command when restoring many channels after a reconnect.
 _RESUBSCRIBE_CHUNK = 1000
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
-# An idle connection is pinged after this long; one that stays silent for another interval
-# is dead (a half-open TCP connection never errors by itself) and is replaced.
-IDLE_PING_SECONDS = 5.0
+PROBE_INTERVAL = 1.0
+# No probe read back for this long: the connection is not delivering and is replaced.
+PROBE_DEADLINE = 3.0
 
 
 class Reader:
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, probe_channel: str) -> None:
         # RESP2: Pub/Sub replies are plain arrays that read_response returns; under RESP3
         # (redis-py 8's default) they are push messages its parser keeps to itself.
         self._pool = ConnectionPool.from_url(redis_url, protocol=2)
         self._conn: AbstractConnection | None = None
+        self._probe_channel = probe_channel
+        self._probe_bytes = probe_channel.encode()
+        self._probe_seen = 0.0
         self._wanted: set[str] = set()
         self._confirmed: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -43,6 +54,11 @@ class Reader:
         self._on_lost: Callable[[], None] = lambda: None
         self._on_restored: Callable[[], None] = lambda: None
         self.connected = asyncio.Event()
+
+    @property
+    def delivering(self) -> bool:
+        """Connected, and the last probe came back recently: the readiness signal."""
+        return self.connected.is_set() and time.monotonic() - self._probe_seen < PROBE_DEADLINE
 
     def attach(
         self,
@@ -81,6 +97,7 @@ class Reader:
                 while not self._commands.empty():
                     self._commands.get_nowait()
                 await self._restore(conn)
+                self._probe_seen = time.monotonic()
                 self.connected.set()
                 if not first:
                     log.info("pubsub reconnected; catching connections up from history")
@@ -102,8 +119,15 @@ class Reader:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
+    async def probe(self, redis: Redis) -> None:
+        """Publish to the probe channel forever; cancel to stop."""
+        while True:
+            with contextlib.suppress(RedisError, OSError):
+                await redis.publish(self._probe_channel, b"")
+            await asyncio.sleep(PROBE_INTERVAL)
+
     async def _restore(self, conn: AbstractConnection) -> None:
-        channels = sorted(self._wanted)
+        channels = [self._probe_channel, *sorted(self._wanted)]
         self._confirmed.clear()
         for start in range(0, len(channels), _RESUBSCRIBE_CHUNK):
             await conn.send_command(
@@ -111,7 +135,7 @@ class Reader:
             )
         pending = set(channels)
         while pending:
-            reply = await conn.read_response(disable_decoding=True, timeout=IDLE_PING_SECONDS)
+            reply = await conn.read_response(disable_decoding=True, timeout=PROBE_DEADLINE)
             if reply is None:
                 raise RedisTimeoutError("pubsub subscriptions not confirmed")
             confirmed = self._handle(reply)
@@ -129,24 +153,22 @@ class Reader:
                 return
 
     async def _read(self, conn: AbstractConnection) -> None:
-        pinged = False
         while True:
             # With an explicit timeout redis-py returns None instead of raising.
-            reply = await conn.read_response(disable_decoding=True, timeout=IDLE_PING_SECONDS)
-            if reply is None:
-                if pinged:
-                    raise RedisTimeoutError("pubsub connection silent after PING")
-                pinged = True
-                await conn.send_command("PING", check_health=False)
-                continue
-            pinged = False
-            self._handle(reply)
+            reply = await conn.read_response(disable_decoding=True, timeout=PROBE_INTERVAL)
+            if reply is not None:
+                self._handle(reply)
+            if time.monotonic() - self._probe_seen > PROBE_DEADLINE:
+                raise RedisTimeoutError("the pubsub probe did not come back")
 
     def _handle(self, reply: list[bytes]) -> str | None:
         """Route one Pub/Sub reply; returns the channel a subscription confirmed, if any."""
         kind = reply[0]
         if kind == b"message":
-            self._on_message(reply[1], reply[2])
+            if reply[1] == self._probe_bytes:
+                self._probe_seen = time.monotonic()
+            else:
+                self._on_message(reply[1], reply[2])
         elif kind == b"subscribe":
             channel = reply[1].decode()
             self._confirm(channel)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import uvicorn
 from starlette.applications import Starlette
 
+from .. import logs
 from ..config import GatewaySettings
 from ..protocol import MAX_CLIENT_FRAME_BYTES
 
 
 def uvicorn_config(app: Starlette, settings: GatewaySettings) -> uvicorn.Config:
+    logs.install()
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -23,7 +25,8 @@ def uvicorn_config(app: Starlette, settings: GatewaySettings) -> uvicorn.Config:
         ws_per_message_deflate=False,
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,
-        # The access log would print query strings, and ?token= carries a credential.
+        # The access log would print every query string, and ?token= carries a credential;
+        # what uvicorn still logs goes through logs.RedactSecrets.
         access_log=False,
         loop="auto",
         lifespan="on",

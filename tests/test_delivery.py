@@ -1,0 +1,404 @@
+"""The delivery promise: every event once and in order, or an explicit resync.
+
+Each test counts every event by the sequence number it carries in its data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from notify_gateway import embedded, keys, redis_client
+from notify_gateway.broker import Notification, Publisher
+from notify_gateway.config import HistorySettings, load_history
+
+from .support import (
+    API_KEY,
+    GatewayServer,
+    events,
+    nothing_arrives,
+    open_client,
+    recv_json,
+    settings_env,
+    start_gateway,
+    token,
+)
+
+
+def publisher(redis: Redis, size: int = 100) -> Publisher:
+    return Publisher(redis, HistorySettings(size=size, ttl=86_400, dedupe_ttl=86_400))
+
+
+async def publish_numbered(pub: Publisher, user: str, numbers: range, **data: Any) -> list[str]:
+    return [str((await pub.publish(Notification(user, "E", {"n": n, **data}))).id) for n in numbers]
+
+
+def numbers(frames: list[dict[str, Any]]) -> list[int]:
+    return [f["data"]["n"] for f in frames if f["type"] == "event"]
+
+
+async def test_resume_delivers_all_200_missed_events_in_order(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    pub = publisher(redis, size=500)
+    ws, _ = await open_client(gateway.ws_url(student))
+    await publish_numbered(pub, student, range(1))
+    [first] = await events(ws, 1)
+    await ws.close()
+
+    await publish_numbered(pub, student, range(1, 201))
+    ws, welcome = await open_client(gateway.ws_url(student, since=first["id"]))
+    assert welcome["recovered"] is True
+    replayed = await events(ws, 200)
+    assert numbers(replayed) == list(range(1, 201))
+    assert welcome["last_id"] == replayed[-1]["id"]
+    await publish_numbered(pub, student, range(201, 202))
+    assert numbers(await events(ws, 1)) == [201]
+    await nothing_arrives(ws)
+    await ws.close()
+
+
+async def test_resume_racing_live_publishes_loses_and_repeats_nothing(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    """Reconnect again and again while events are published at about 1,000/s."""
+    pub = publisher(redis, size=10_000)
+    total = 3000
+    received: list[int] = []
+
+    async def produce() -> None:
+        for n in range(total):
+            await pub.publish(Notification(student, "E", {"n": n}))
+            if n % 10 == 9:
+                await asyncio.sleep(0.01)
+
+    ws, welcome = await open_client(gateway.ws_url(student))
+    producer = asyncio.create_task(produce())
+    since: str | None = None
+    reconnects = 0
+    while len(received) < total:
+        if reconnects:
+            ws, welcome = await open_client(gateway.ws_url(student, since=since))
+            assert welcome["recovered"] is True, welcome
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 0.2
+        while len(received) < total and loop.time() < until:
+            try:
+                frame = await recv_json(ws, timeout=max(0.01, until - loop.time()))
+            except TimeoutError:
+                break
+            assert frame["type"] == "event", frame
+            received.append(frame["data"]["n"])
+            since = frame["id"]
+        await ws.close()
+        reconnects += 1
+    await producer
+    assert reconnects > 5
+    assert received == list(range(total))
+
+
+async def test_trimmed_history_means_resync(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    pub = publisher(redis, size=5)
+    [old] = await publish_numbered(pub, student, range(1))
+    newer = await publish_numbered(pub, student, range(1, 11))
+    ws, welcome = await open_client(gateway.ws_url(student, since=old))
+    assert welcome["recovered"] is False
+    resync = await recv_json(ws)
+    assert resync == {"type": "resync", "reason": "history trimmed", "last_id": newer[-1]}
+    await publish_numbered(pub, student, range(11, 12))
+    assert numbers(await events(ws, 1)) == [11]
+    await ws.close()
+
+
+async def test_expired_history_means_resync(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    [old] = (await publish_numbered(publisher(redis), student, range(3)))[-1:]
+    # What NOTIFY_HISTORY_TTL does after a day of silence, without waiting a day.
+    await redis.pexpire(keys.meta(student), 1)
+    await redis.pexpire(keys.history(student), 1)
+    await asyncio.sleep(0.05)
+    ws, welcome = await open_client(gateway.ws_url(student, since=old))
+    assert welcome["recovered"] is False
+    assert (await recv_json(ws))["reason"] == "history expired"
+    await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("since", "reason"),
+    [
+        ("garbage", "malformed id"),
+        ("zzzz-1", "history epoch changed"),
+        ("{epoch}-99", "unknown id"),
+    ],
+)
+async def test_ids_the_history_cannot_honour_mean_resync(
+    gateway: GatewayServer, redis: Redis, student: str, since: str, reason: str
+) -> None:
+    [last] = (await publish_numbered(publisher(redis), student, range(2)))[-1:]
+    ws, welcome = await open_client(
+        gateway.ws_url(student, since=since.format(epoch=last.split("-")[0]))
+    )
+    assert welcome["recovered"] is False
+    assert welcome["last_id"] == last
+    assert await recv_json(ws) == {"type": "resync", "reason": reason, "last_id": last}
+    await ws.close()
+
+
+async def test_flushall_is_detected_by_the_epoch(
+    private_redis: embedded.Server, student: str
+) -> None:
+    redis = redis_client.client(private_redis.address)
+    pub = publisher(redis)
+    async with start_gateway(private_redis.address) as gateway:
+        ids = await publish_numbered(pub, student, range(3))
+        await redis.flushall()
+        new = await publish_numbered(pub, student, range(3, 4))
+        assert new[0].split("-")[0] != ids[0].split("-")[0]
+        ws, welcome = await open_client(gateway.ws_url(student, since=ids[-1]))
+        assert welcome["recovered"] is False
+        resync = await recv_json(ws)
+        assert resync == {"type": "resync", "reason": "history epoch changed", "last_id": new[0]}
+        await ws.close()
+    await redis.aclose()
+
+
+async def test_redis_restart_resyncs_connected_clients(
+    private_redis: embedded.Server, student: str
+) -> None:
+    async with start_gateway(private_redis.address) as gateway:
+        redis = redis_client.client(private_redis.address)
+        ws, _ = await open_client(gateway.ws_url(student))
+        await publish_numbered(publisher(redis), student, range(3))
+        assert numbers(await events(ws, 3)) == [0, 1, 2]
+
+        private_redis.stop()
+        restarted = embedded.start_redis(private_redis.port)
+        try:
+            # The gateway reconnects, finds the history gone, and says so.
+            resync = await recv_json(ws, timeout=15)
+            assert resync["type"] == "resync"
+            assert resync["reason"] == "history expired"
+            await publish_numbered(publisher(redis), student, range(3, 5))
+            assert numbers(await events(ws, 2)) == [3, 4]
+        finally:
+            await ws.close()
+            await redis.aclose()
+            restarted.stop()
+
+
+async def test_pubsub_connection_killed_mid_stream_loses_nothing(
+    private_redis: embedded.Server, student: str
+) -> None:
+    redis = redis_client.client(private_redis.address)
+    pub = publisher(redis, size=5000)
+    total = 2000
+    async with start_gateway(private_redis.address) as gateway:
+        ws, _ = await open_client(gateway.ws_url(student))
+
+        async def produce() -> None:
+            for n in range(total):
+                await pub.publish(Notification(student, "E", {"n": n}))
+                if n % 20 == 19:
+                    await asyncio.sleep(0.01)
+
+        producer = asyncio.create_task(produce())
+        kills = 0
+        for _ in range(3):
+            await asyncio.sleep(0.3)
+            kills += await redis.client_kill_filter(_type="pubsub")
+        await producer
+        frames = await events(ws, total, timeout=30)
+        assert kills >= 3
+        assert numbers(frames) == list(range(total))
+        await nothing_arrives(ws)
+        await ws.close()
+    await redis.aclose()
+
+
+async def test_slow_client_is_closed_and_resumes_without_delaying_a_fast_one(
+    redis_url: str, redis: Redis, student: str
+) -> None:
+    total = 1200
+    pub = publisher(redis, size=total)
+    fast_student = student + "-fast"
+    async with start_gateway(redis_url, NOTIFY_SEND_QUEUE_BYTES=str(64 * 1024)) as gateway:
+        # A phone that stops reading; 1,200 x 16 KiB outgrows every buffer on the way.
+        slow = await connect(gateway.ws_url(student), max_queue=1)
+        fast, _ = await open_client(gateway.ws_url(fast_student))
+        latencies: list[float] = []
+        fast_numbers: list[int] = []
+
+        async def read_fast() -> None:
+            while len(fast_numbers) < 300:
+                frame = await recv_json(fast, timeout=30)
+                latencies.append(time.time() * 1000 - frame["ts"])
+                fast_numbers.append(frame["data"]["n"])
+
+        reader = asyncio.create_task(read_fast())
+        big = "x" * 16_384
+        for n in range(total):
+            await pub.publish(Notification(student, "E", {"n": n, "pad": big}))
+            if n % 4 == 0:
+                await pub.publish(Notification(fast_student, "E", {"n": n // 4}))
+        await reader
+        assert fast_numbers == list(range(300))
+        latencies.sort()
+        p99 = latencies[int(len(latencies) * 0.99) - 1]
+        assert p99 < 500, f"fast client p99 {p99:.0f} ms"
+
+        # Now the slow phone reads what reached it, then learns it was dropped.
+        got, code = await read_until_closed(slow)
+        assert code == 4008
+        received = numbers(got)
+        assert received == list(range(len(received)))
+        assert len(received) < total
+        # Resuming from what it processed brings exactly the rest.
+        ws, welcome = await open_client(gateway.ws_url(student, since=got[-1]["id"]))
+        assert welcome["recovered"] is True
+        rest = numbers(await events(ws, total - len(received), timeout=30))
+        assert received + rest == list(range(total))
+        for client in (ws, fast):
+            await client.close()
+
+
+async def read_until_closed(ws: ClientConnection) -> tuple[list[dict[str, Any]], int | None]:
+    frames: list[dict[str, Any]] = []
+    try:
+        while True:
+            frames.append(await recv_json(ws, timeout=30))
+    except ConnectionClosed as closed:
+        return frames, None if closed.rcvd is None else closed.rcvd.code
+
+
+async def test_expired_token_closes_then_resume_loses_nothing(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    pub = publisher(redis)
+    url = gateway.ws_url() + f"?token={token(student, ttl=2)}"
+    ws, _ = await open_client(url)
+    ids = await publish_numbered(pub, student, range(2))
+    assert numbers(await events(ws, 2)) == [0, 1]
+    assert await read_until_closed(ws) == ([], 4001)
+    await publish_numbered(pub, student, range(2, 5))
+    ws, welcome = await open_client(gateway.ws_url(student, since=ids[-1]))
+    assert welcome["recovered"] is True
+    assert numbers(await events(ws, 3)) == [2, 3, 4]
+    await ws.close()
+
+
+async def presence(url: str, user: str) -> int:
+    async with httpx.AsyncClient(base_url=url) as http:
+        response = await http.get(
+            f"/api/presence/{user}", headers={"Authorization": f"Bearer {API_KEY}"}
+        )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["user_id"] == user
+    count: int = body["connections"]
+    return count
+
+
+async def eventually(check: Any, expected: Any, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while (value := await check()) != expected:
+        assert time.monotonic() < deadline, f"still {value!r}, expected {expected!r}"
+        await asyncio.sleep(0.1)
+
+
+async def test_presence_counts_devices_across_processes_and_forgets_killed_ones(
+    redis_url: str, redis: Redis, student: str
+) -> None:
+    port = embedded.free_port()
+    env = {**os.environ, **settings_env(redis_url, PORT=str(port), NOTIFY_PRESENCE_TTL="3")}
+    other = embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "gateway"], env)
+    try:
+        async with start_gateway(redis_url, NOTIFY_PRESENCE_TTL="3") as gateway:
+            phone, _ = await open_client(gateway.ws_url(student))
+            tablet, _ = await open_client(gateway.ws_url(student))
+            await eventually(lambda: presence(gateway.url, student), 2)
+            laptop = await connect_retrying(f"ws://127.0.0.1:{port}/ws?token={token(student)}")
+            await eventually(lambda: presence(gateway.url, student), 3)
+            await tablet.close()
+            await eventually(lambda: presence(gateway.url, student), 2)
+            other.send_signal(signal.SIGKILL)
+            other.wait()
+            await eventually(lambda: presence(gateway.url, student), 1, within=10)
+            for ws in (phone, laptop):
+                await ws.close()
+            await eventually(lambda: presence(gateway.url, student), 0)
+    finally:
+        embedded.stop(other)
+
+
+async def connect_retrying(url: str) -> ClientConnection:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            ws, _ = await open_client(url)
+            return ws
+        except OSError:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+
+
+async def test_presence_requires_an_api_key(gateway: GatewayServer, student: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway.url) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789"}):
+            response = await http.get(f"/api/presence/{student}", headers=headers)
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "unauthorized"
+
+
+async def test_connection_limits(redis_url: str, student: str) -> None:
+    async with start_gateway(
+        redis_url, NOTIFY_MAX_CONNECTIONS="3", NOTIFY_MAX_CONNECTIONS_PER_USER="2"
+    ) as gateway:
+        first, _ = await open_client(gateway.ws_url(student))
+        second, _ = await open_client(gateway.ws_url(student))
+        third = await connect(gateway.ws_url(student))
+        assert await read_until_closed(third) == ([], 4029)
+        other, _ = await open_client(gateway.ws_url(student + "-2"))
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(gateway.ws_url(student + "-3"))
+        assert refused.value.response.status_code == 503
+        for ws in (first, second, other):
+            await ws.close()
+
+
+async def test_sigterm_closes_every_socket_with_1012_within_10_seconds(
+    redis_url: str, student: str
+) -> None:
+    port = embedded.free_port()
+    env = {**os.environ, **settings_env(redis_url, PORT=str(port))}
+    gateway = embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "gateway"], env)
+    try:
+        clients = [
+            await connect_retrying(f"ws://127.0.0.1:{port}/ws?token={token(student + str(i))}")
+            for i in range(5)
+        ]
+        started = time.monotonic()
+        gateway.send_signal(signal.SIGTERM)
+        for ws in clients:
+            assert await read_until_closed(ws) == ([], 1012)
+        gateway.wait(10)
+        assert time.monotonic() - started < 10
+    finally:
+        embedded.stop(gateway)
+
+
+def test_history_defaults() -> None:
+    history = load_history({})
+    assert (history.size, history.ttl) == (100, 86_400)
