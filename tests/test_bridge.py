@@ -32,16 +32,23 @@ class RunningBridge:
     topic: str
     dlq: str
     group: str
+    bridge: Bridge
 
 
 @contextlib.asynccontextmanager
 async def run_bridge(
-    redis_url: str, bootstrap: str, topic: str | None = None, group: str | None = None
+    redis_url: str,
+    bootstrap: str,
+    topic: str | None = None,
+    group: str | None = None,
+    create: bool = True,
 ) -> AsyncIterator[RunningBridge]:
+    """A Bridge in this event loop, on a topic (3 partitions) and group of its own."""
     topic = topic or unique("events")
     dlq = f"{topic}.dlq"
     group = group or unique("group")
-    await embedded.create_topics(bootstrap, [topic, dlq])
+    if create:
+        await embedded.create_topics(bootstrap, [topic, dlq])
     settings = config.load_bridge(
         {
             "REDIS_URL": redis_url,
@@ -52,9 +59,10 @@ async def run_bridge(
         }
     )
     stop = asyncio.Event()
-    task = asyncio.create_task(Bridge(settings, rules.load(None)).run(stop))
+    bridge = Bridge(settings, rules.load(None))
+    task = asyncio.create_task(bridge.run(stop))
     try:
-        yield RunningBridge(topic, dlq, group)
+        yield RunningBridge(topic, dlq, group, bridge)
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -77,6 +85,58 @@ async def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 20
         return found
     finally:
         await consumer.stop()
+
+
+CatalogueRow = tuple[str, dict[str, Any], str, list[str], list[str]]
+CATALOGUE: list[CatalogueRow] = [
+    (
+        "PURCHASE_CREATED",
+        {"purchaseId": "p1", "courseId": "c1", "purchaseTier": 30, "startDate": "2026-01-09",
+         "timeSlot": "06:00"},
+        "COURSE_PURCHASED", ["home", "learning"], ["home", "learning"],
+    ),
+    (
+        "PURCHASE_CONFIRMED", {"paymentId": "pay1", "courseId": "c1", "amount": 360000},
+        "PAYMENT_CONFIRMED", ["home"], ["home"],
+    ),
+    (
+        "TRAINER_ALLOCATED", {"allocationId": "a1", "courseId": "c1", "trainerId": "t1"},
+        "TRAINER_ALLOCATED", ["home", "learning"], ["home", "learning"],
+    ),
+    (
+        "SESSIONS_GENERATED", {"courseId": "c1", "allocationId": "a1", "sessionCount": 30},
+        "SESSIONS_GENERATED", ["learning", "home"], ["home", "learning"],
+    ),
+    (
+        "ALLOCATION_UPDATED", {"allocationId": "a1", "trainerId": "t2", "timeSlot": "07:00"},
+        "ALLOCATION_UPDATED", ["home", "learning"], ["home", "learning"],
+    ),
+]  # fmt: skip
+
+
+async def test_every_catalogue_row_end_to_end(
+    gateway: GatewayServer, redis: Redis, redis_url: str, kafka_bootstrap: str
+) -> None:
+    students = [unique("student") for _ in CATALOGUE]
+    clients = [(await open_client(gateway.ws_url(s)))[0] for s in students]
+    for student in students:
+        await redis.mset({f"student:{view}:{student}": "stale" for view in ("home", "learning")})
+    async with run_bridge(redis_url, kafka_bootstrap) as bridge:
+        for student, (event_type, data, *_) in zip(students, CATALOGUE, strict=True):
+            event = domain_event(event_type, studentId=student, **data)
+            await produce(kafka_bootstrap, bridge.topic, [event], key=student)
+        for ws, student, row in zip(clients, students, CATALOGUE, strict=True):
+            _type, data, notification, invalidate, deleted = row
+            [frame] = await events(ws, 1, timeout=30)
+            assert frame["event"] == notification
+            assert frame["data"] == data
+            assert frame["invalidate"] == invalidate
+            for view in ("home", "learning"):
+                exists = await redis.exists(f"student:{view}:{student}")
+                assert exists == (view not in deleted), (notification, view)
+        metrics = bridge.bridge.metrics
+        assert metrics.published.labels("COURSE_PURCHASED")._value.get() == 1
+        assert metrics.cache_keys_deleted._value.get() == 9
 
 
 async def test_purchase_created_reaches_the_student_and_clears_the_cache(
@@ -127,6 +187,7 @@ async def test_redelivered_event_is_not_notified_twice(
         await produce(kafka_bootstrap, bridge.topic, [event, event], key=student)
         [frame] = await events(ws, 1, timeout=30)
         await nothing_arrives(ws, within=1.0)
+        assert bridge.bridge.metrics.deduplicated._value.get() == 1
     assert frame["event"] == "TRAINER_ALLOCATED"
 
 
@@ -145,6 +206,7 @@ async def test_poison_messages_are_dead_lettered_and_the_stream_goes_on(
         await produce(kafka_bootstrap, bridge.topic, [*poison, unknown, good], key=student)
         [frame] = await events(ws, 1, timeout=30)
         letters = await read_topic(kafka_bootstrap, bridge.dlq, 3)
+        assert bridge.bridge.metrics.unknown_type._value.get() == 1
     assert frame["event"] == "SESSIONS_GENERATED"
     assert len(letters) == 3
     reasons = sorted(dict(m.headers)["notify-dlq-reason"].decode() for m in letters)

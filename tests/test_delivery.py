@@ -6,6 +6,7 @@ Each test counts every event by the sequence number it carries in its data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -402,3 +403,29 @@ async def test_sigterm_closes_every_socket_with_1012_within_10_seconds(
 def test_history_defaults() -> None:
     history = load_history({})
     assert (history.size, history.ttl) == (100, 86_400)
+
+
+async def test_rapid_leave_and_join_keeps_the_channel_subscribed(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    for _ in range(20):
+        ws, _ = await open_client(gateway.ws_url(student))
+        await ws.close()
+    ws, _ = await open_client(gateway.ws_url(student))
+    await publish_numbered(publisher(redis), student, range(1))
+    assert numbers(await events(ws, 1)) == [0]
+    await ws.close()
+
+
+async def test_a_cancelled_subscribe_does_not_strand_later_ones(
+    gateway: GatewayServer, redis: Redis
+) -> None:
+    reader = gateway.gateway.reader
+    channel = keys.channel("stranded")
+    for _ in range(5):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader.subscribe(channel), 0.0001)
+        reader.unsubscribe(channel)
+    await asyncio.wait_for(reader.subscribe(channel), 5)
+    assert channel.encode() in await redis.pubsub_channels()
+    reader.unsubscribe(channel)

@@ -39,6 +39,7 @@ def stack(redis_url: str, kafka_bootstrap: str) -> Iterator[tuple[str, str]]:
         "NOTIFY_KAFKA_TOPICS": topic,
         "NOTIFY_KAFKA_GROUP": unique("group"),
         "NOTIFY_DLQ_TOPIC": f"{topic}.dlq",
+        "BRIDGE_PORT": str(embedded.free_port()),
     }
     asyncio.run(embedded.create_topics(kafka_bootstrap, [topic, f"{topic}.dlq"]))
     children = [

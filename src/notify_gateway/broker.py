@@ -32,7 +32,10 @@ if dedupe then
 end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
+  -- A new incarnation. A history that outlived its meta (eviction, a manual DEL) belongs
+  -- to the old one: its ids would collide with the new sequence.
   epoch = ARGV[2]
+  redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch)
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)

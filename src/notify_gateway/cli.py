@@ -49,7 +49,7 @@ def cmd_gateway(_args: argparse.Namespace) -> int:
 
 
 def cmd_bridge(_args: argparse.Namespace) -> int:
-    from .bridge import rules
+    from .bridge import probes, rules
     from .bridge.consumer import Bridge
 
     settings = config.load_bridge(os.environ)
@@ -61,7 +61,14 @@ def cmd_bridge(_args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await Bridge(settings, rule_set).run(stop)
+        bridge = Bridge(settings, rule_set)
+        probe_server = probes.server(bridge, settings.host, settings.port)
+        serving = asyncio.create_task(probe_server.serve())
+        try:
+            await bridge.run(stop)
+        finally:
+            probe_server.should_exit = True
+            await serving
 
     _run(main())
     return 0

@@ -159,6 +159,10 @@ def load_history(env: Mapping[str, str]) -> HistorySettings:
     )
 
 
+def _host(env: Mapping[str, str]) -> str:
+    return _get(env, "NOTIFY_HOST") or "0.0.0.0"  # noqa: S104 - a service binds all interfaces
+
+
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
     redis_url: str
@@ -178,7 +182,7 @@ class GatewaySettings:
 def load_gateway(env: Mapping[str, str]) -> GatewaySettings:
     return GatewaySettings(
         redis_url=_redis_url(env),
-        host=_get(env, "NOTIFY_HOST") or "0.0.0.0",  # noqa: S104 - a service binds all interfaces
+        host=_host(env),
         port=_int(env, "PORT", 8000, 1, 65_535),
         jwt=load_jwt(env),
         api_keys=_api_keys(env),
@@ -224,6 +228,8 @@ class BridgeSettings:
     kafka: KafkaSettings
     history: HistorySettings
     rules_path: str | None
+    host: str
+    port: int
 
 
 def load_bridge(env: Mapping[str, str]) -> BridgeSettings:
@@ -232,4 +238,6 @@ def load_bridge(env: Mapping[str, str]) -> BridgeSettings:
         kafka=load_kafka(env),
         history=load_history(env),
         rules_path=_get(env, "NOTIFY_RULES"),
+        host=_host(env),
+        port=_int(env, "BRIDGE_PORT", 9101, 1, 65_535),
     )

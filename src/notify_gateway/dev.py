@@ -75,6 +75,7 @@ def run_dev() -> int:
         env.setdefault("NOTIFY_API_KEYS", f"dev={secrets.token_urlsafe(24)}")
         env.setdefault("NOTIFY_HOST", "127.0.0.1")
         env["PORT"] = str(_port(env))
+        env.setdefault("BRIDGE_PORT", str(embedded.free_port()))
         kafka = config.load_kafka(env)
         asyncio.run(embedded.create_topics(kafka.bootstrap, [*kafka.topics, kafka.dlq_topic]))
         for service in ("bridge", "gateway"):
@@ -108,6 +109,7 @@ def _banner(env: dict[str, str], base: str) -> None:
 notify-gateway is running (Ctrl-C stops everything).
 
   gateway        {base}   (WebSocket: {ws}/ws)
+  bridge probes  http://{env["NOTIFY_HOST"]}:{env["BRIDGE_PORT"]}/metrics
   redis          {env["REDIS_URL"]}
   kafka          {env["KAFKA_BOOTSTRAP_SERVERS"]}
   jwt secret     NOTIFY_JWT_SECRET={env["NOTIFY_JWT_SECRET"]}

@@ -3,8 +3,10 @@
 After a Redis restart or failover every pooled connection is dead. redis-py retries a
 command on a fresh connection only for the errors named in ``retry_on_error``; without it a
 stale connection fails the first command, and for the gateway that would close clients that
-could have been caught up. Only connection errors are retried: the command never reached
-the server, so even a non-idempotent publish cannot run twice.
+could have been caught up. Only connection errors are retried, never timeouts: a timed-out
+command may have run, and the caller decides whether repeating it is safe (the bridge's
+publishes carry dedupe keys; the API's carry them when the caller gives an idempotency key).
+redis-py adds ``retry_on_error`` to the Retry's own error list, so that list is set too.
 """
 
 from __future__ import annotations
@@ -14,10 +16,18 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+# No command here blocks on the server, so a reply slower than this means a frozen or
+# unreachable Redis: fail, and let the caller's retry (or resync) take over.
+SOCKET_TIMEOUT = 5.0
+
 
 def client(url: str) -> Redis:
     return Redis.from_url(
         url,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        retry=Retry(
+            ExponentialBackoff(cap=1.0, base=0.05), 3, supported_errors=(RedisConnectionError,)
+        ),
         retry_on_error=[RedisConnectionError],
     )

@@ -20,15 +20,18 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .. import redis_client
-from ..broker import Publisher
+from ..broker import Publisher, parse_result
 from ..config import BridgeSettings
 from . import envelope, rules
+from .metrics import BridgeMetrics
 from .rules import Outcome, Rule
 
 log = logging.getLogger(__name__)
@@ -38,17 +41,19 @@ BATCH_MAX_RECORDS = 500
 FETCH_MAX_WAIT_MS = 10
 BROKER_TIMEOUT = 15.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
+# A rebalance waits this long for the batch in hand; past it the rebalance goes on and the
+# batch's partitions are left uncommitted for their next owner (who deduplicates).
+REVOKE_WAIT = 30.0
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
-    reason: str
+@dataclass(slots=True)
+class _Item:
+    """One consumed message on its way through a batch."""
+
+    message: Any  # aiokafka ConsumerRecord
+    outcome: Outcome | None = None
+    # Why it goes to the dead-letter topic (set by parsing, or by Redis rejecting its work).
+    reason: str | None = None
 
 
 class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -57,7 +62,10 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         # Let the batch in hand finish and commit, so the next owner starts after it.
-        await self._bridge.idle.wait()
+        try:
+            await asyncio.wait_for(self._bridge.idle.wait(), REVOKE_WAIT)
+        except TimeoutError:
+            log.warning("rebalance went on while a batch was still being retried")
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         log.info(
@@ -72,8 +80,16 @@ class Bridge:
         self._redis = redis_client.client(settings.redis_url)
         self._publisher = Publisher(self._redis, settings.history)
         self._consumer, self._producer = self._new_clients()
+        self.metrics = BridgeMetrics()
         self.idle = asyncio.Event()
         self.idle.set()
+        self._started = False
+        # What is failing right now ("redis publish", ...), or None: the readiness signal.
+        self._failing: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._started and self._failing is None
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._start_clients(stop)
@@ -107,6 +123,7 @@ class Bridge:
     async def _start_clients(self, stop: asyncio.Event) -> None:
         """Start Kafka clients, retrying forever: an absent broker is an outage, not a crash."""
         backoff = BACKOFF_MIN
+        attempts = 0
         while not stop.is_set():
             try:
                 await asyncio.wait_for(self._producer.start(), BROKER_TIMEOUT)
@@ -115,81 +132,102 @@ class Bridge:
                 )
                 await asyncio.wait_for(self._consumer.start(), BROKER_TIMEOUT)
                 log.info("bridge consuming %s", ",".join(self._settings.kafka.topics))
+                self._started = True
                 return
             except (KafkaError, TimeoutError, OSError) as exc:
-                log.warning("kafka unavailable (%s); retrying in %.1fs", exc, backoff)
+                # Logged once per outage, not once per attempt.
+                attempts += 1
+                if attempts == 1:
+                    log.warning("kafka unavailable (%s); retrying until it answers", exc)
                 await self._stop_kafka()
                 self._consumer, self._producer = self._new_clients()
                 await _sleep(stop, backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
-    async def _handle(self, batch: dict[TopicPartition, list[object]], stop: asyncio.Event) -> None:
-        outcomes: list[Outcome] = []
-        dead: list[DeadLetter] = []
+    async def _handle(self, batch: dict[TopicPartition, list[Any]], stop: asyncio.Event) -> None:
+        items: list[_Item] = []
         offsets: dict[TopicPartition, int] = {}
         for tp, messages in batch.items():
-            for message in messages:
-                self._map(message, outcomes, dead)
-                offsets[tp] = message.offset + 1  # type: ignore[attr-defined]
+            self.metrics.consumed.labels(tp.topic).inc(len(messages))
+            items.extend(self._map(message) for message in messages)
+            offsets[tp] = messages[-1].offset + 1
+        await self._retry("redis publish", stop, lambda: self._publish(items))
+        dead = [item for item in items if item.reason is not None]
         await self._retry("dead-letter send", stop, lambda: self._send_dead(dead))
-        await self._retry("redis publish", stop, lambda: self._publish(outcomes))
         await self._commit(offsets)
 
-    def _map(self, message: object, outcomes: list[Outcome], dead: list[DeadLetter]) -> None:
-        value: bytes | None = message.value  # type: ignore[attr-defined]
+    def _map(self, message: Any) -> _Item:
         try:
-            event = envelope.parse(value)
+            event = envelope.parse(message.value)
             rule = self._rules.get(event.event_type)
             if rule is None:
-                log.debug("no rule for event type %s; skipped", event.event_type)
-                return
-            outcomes.append(rules.apply(rule, event))
+                self.metrics.unknown_type.inc()
+                return _Item(message)
+            return _Item(message, outcome=rules.apply(rule, event))
         except envelope.EnvelopeError as exc:
-            dead.append(
-                DeadLetter(
-                    topic=message.topic,  # type: ignore[attr-defined]
-                    partition=message.partition,  # type: ignore[attr-defined]
-                    offset=message.offset,  # type: ignore[attr-defined]
-                    key=message.key,  # type: ignore[attr-defined]
-                    value=value,
-                    headers=tuple(message.headers or ()),  # type: ignore[attr-defined]
-                    reason=str(exc),
-                )
-            )
+            return _Item(message, reason=str(exc))
 
-    async def _send_dead(self, dead: list[DeadLetter]) -> None:
-        for letter in dead:
+    async def _send_dead(self, dead: list[_Item]) -> None:
+        for item in dead:
+            message, reason = item.message, item.reason or ""
             headers = [
-                *letter.headers,
-                ("notify-dlq-reason", letter.reason.encode()),
-                ("notify-dlq-topic", letter.topic.encode()),
-                ("notify-dlq-partition", str(letter.partition).encode()),
-                ("notify-dlq-offset", str(letter.offset).encode()),
+                *(message.headers or ()),
+                ("notify-dlq-reason", reason.encode()),
+                ("notify-dlq-topic", message.topic.encode()),
+                ("notify-dlq-partition", str(message.partition).encode()),
+                ("notify-dlq-offset", str(message.offset).encode()),
             ]
             await asyncio.wait_for(
                 self._producer.send_and_wait(
-                    self._settings.kafka.dlq_topic, letter.value, key=letter.key, headers=headers
+                    self._settings.kafka.dlq_topic, message.value, key=message.key, headers=headers
                 ),
                 BROKER_TIMEOUT,
             )
+            self.metrics.dead_lettered.labels(message.topic).inc()
             log.warning(
                 "dead-lettered %s[%d]@%d: %s",
-                letter.topic,
-                letter.partition,
-                letter.offset,
-                letter.reason,
+                message.topic,
+                message.partition,
+                message.offset,
+                reason,
             )
 
-    async def _publish(self, outcomes: list[Outcome]) -> None:
-        if not outcomes:
+    async def _publish(self, items: list[_Item]) -> None:
+        """All Redis work of the batch in one pipeline, in Kafka order.
+
+        A connection error raises and the whole batch is retried (the dedupe keys make that
+        safe). A command Redis rejects (WRONGTYPE, a script error) will be rejected again
+        however often it is retried, so that event is dead-lettered instead.
+        """
+        work = [item for item in items if item.outcome is not None]
+        if not work:
             return
+        # For each pipeline slot: the item it belongs to, and the event name if a publish.
+        slots: list[tuple[_Item, str | None]] = []
         async with self._redis.pipeline(transaction=False) as pipe:
-            for outcome in outcomes:
-                if outcome.cache_keys:
-                    pipe.delete(*outcome.cache_keys)
-                for notification in outcome.notifications:
+            for item in work:
+                assert item.outcome is not None
+                if item.outcome.cache_keys:
+                    pipe.delete(*item.outcome.cache_keys)
+                    slots.append((item, None))
+                for notification in item.outcome.notifications:
                     await self._publisher.queue(notification, pipe)
-            await pipe.execute()
+                    slots.append((item, notification.event))
+            results = await pipe.execute(raise_on_error=False)
+        now = datetime.now(UTC)
+        for (item, event), result in zip(slots, results, strict=True):
+            if isinstance(result, ResponseError):
+                item.reason = f"redis rejected the event's work: {result}"
+            elif event is not None and parse_result(result).duplicate:
+                self.metrics.deduplicated.inc()
+            elif event is not None:
+                self.metrics.published.labels(event).inc()
+        for item in work:
+            assert item.outcome is not None
+            self.metrics.cache_keys_deleted.inc(len(item.outcome.cache_keys))
+            occurred = item.outcome.occurred_at
+            if occurred is not None and occurred.tzinfo is not None:
+                self.metrics.event_age.observe(max(0.0, (now - occurred).total_seconds()))
 
     async def _retry(
         self, what: str, stop: asyncio.Event, step: Callable[[], Awaitable[None]]
@@ -204,6 +242,7 @@ class Bridge:
                 if not failing:
                     log.warning("%s failed (%s); retrying until it succeeds", what, exc)
                     failing = True
+                    self._failing = what
                 if stop.is_set():
                     raise
                 await self._wait_paused(backoff)
@@ -211,6 +250,7 @@ class Bridge:
             else:
                 if failing:
                     log.info("%s recovered", what)
+                    self._failing = None
                     self._consumer.resume(*self._consumer.paused())
                 return
 
@@ -235,7 +275,13 @@ class Bridge:
             await asyncio.wait_for(self._consumer.commit(mine), BROKER_TIMEOUT)
         except (KafkaError, TimeoutError) as exc:
             # Handled but uncommitted: redelivered later and deduplicated, never lost.
+            self.metrics.commit_failures.inc()
             log.warning("offset commit failed (%s); the batch will be redelivered", exc)
+            return
+        for tp, offset in mine.items():
+            end = self._consumer.highwater(tp)
+            if end is not None:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - offset))
 
     async def _stop_kafka(self) -> None:
         for client in (self._consumer, self._producer):

@@ -12,6 +12,7 @@ import string
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class Outcome:
 
     cache_keys: list[str]
     notifications: list[Notification]
+    occurred_at: datetime | None
 
 
 def load(path: str | None) -> dict[str, Rule]:
@@ -154,7 +156,7 @@ def apply(rule: Rule, envelope: Envelope) -> Outcome:
         )
         for user in dict.fromkeys(users)
     ]
-    return Outcome(cache_keys, notifications)
+    return Outcome(cache_keys, notifications, envelope.occurred_at)
 
 
 def _render(template: str, data: Mapping[str, Any]) -> str:

@@ -28,6 +28,9 @@ from .reader import Reader
 
 log = logging.getLogger(__name__)
 
+# History reads in flight at once per process (resumes and catch-ups).
+HISTORY_READ_CONCURRENCY = 64
+
 
 class Gateway:
     """Everything one gateway process shares between its connections."""
@@ -45,6 +48,7 @@ class Gateway:
         )
         self.hub = Hub(self.reader, settings.max_connections_per_user, self.presence.changed)
         self.verifier = TokenVerifier(settings.jwt)
+        self.history_reads = asyncio.Semaphore(HISTORY_READ_CONCURRENCY)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -79,7 +83,13 @@ class Gateway:
             await self._deny(websocket, 401, str(exc), CloseCode.UNAUTHORIZED)
             return
         await websocket.accept()
-        conn = Connection(websocket, claims.user_id, self.redis, self.settings.send_queue_bytes)
+        conn = Connection(
+            websocket,
+            claims.user_id,
+            self.redis,
+            self.settings.send_queue_bytes,
+            self.history_reads,
+        )
         try:
             await self.hub.join(conn)
         except JoinRefused as exc:
@@ -101,6 +111,9 @@ class Gateway:
             self.hub.leave(conn)
             conn.stop()
             writer.cancel()
+            # A writer that failed on a dead socket has nothing more to say.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await writer
 
     @staticmethod
     async def _deny(websocket: WebSocket, status: int, reason: str, fallback: CloseCode) -> None:

@@ -37,10 +37,20 @@ CLOSE_TIMEOUT = 10.0
 
 
 class Connection:
-    def __init__(self, websocket: WebSocket, user: str, redis: Redis, max_queue_bytes: int):
+    def __init__(
+        self,
+        websocket: WebSocket,
+        user: str,
+        redis: Redis,
+        max_queue_bytes: int,
+        history_reads: asyncio.Semaphore,
+    ):
         self.user = user
         self._ws = websocket
         self._redis = redis
+        # Shared by every connection of the process: after a Pub/Sub outage all of them
+        # catch up at once, and unbounded that would open a Redis connection each.
+        self._history_reads = history_reads
         self._max_queue_bytes = max_queue_bytes
         # (frame, bytes charged against max_queue_bytes)
         self._queue: deque[tuple[str, int]] = deque()
@@ -48,8 +58,10 @@ class Connection:
         self._wakeup = asyncio.Event()
         self._close_code: CloseCode | None = None
         self._last: EventId | None = None
-        # Live frames held back while history is being read; None when live.
+        # Live frames held back while history is being read; None when live. Their bytes
+        # count against max_queue_bytes like queued ones.
         self._held: list[tuple[EventId | None, str, int]] | None = []
+        self._held_bytes = 0
         self._catch_up: asyncio.Task[None] | None = None
         self._catch_up_again = False
         self._started = False
@@ -67,16 +79,18 @@ class Connection:
         from here on is held in ``_held``; the history read below covers everything before.
         """
         if since is None:
-            head = await history.current(self._redis, self.user)
+            async with self._history_reads:
+                head = await history.current(self._redis, self.user)
             self._last = head
             self.send(protocol.welcome(self.user, head, recovered=False))
         else:
             position = protocol.parse_event_id(since)
-            if position is None:
-                head = await history.current(self._redis, self.user)
-                replay = history.Replay([], head, "malformed id")
-            else:
-                replay = await history.after(self._redis, self.user, position)
+            async with self._history_reads:
+                if position is None:
+                    head = await history.current(self._redis, self.user)
+                    replay = history.Replay([], head, "malformed id")
+                else:
+                    replay = await history.after(self._redis, self.user, position)
             self.send(
                 protocol.welcome(self.user, replay.last_id, recovered=replay.resync_reason is None)
             )
@@ -90,7 +104,7 @@ class Connection:
     def deliver(self, event_id: EventId | None, frame: str, size: int) -> None:
         """Queue one live frame from the Pub/Sub reader, exactly once and in order."""
         if self._held is not None:
-            self._held.append((event_id, frame, size))
+            self._hold(event_id, frame, size)
             return
         if event_id is not None:
             last = self._last
@@ -102,7 +116,8 @@ class Connection:
                 # A new history incarnation starts at 1; anything else means frames were missed.
                 in_order = event_id.seq == 1
             if not in_order:
-                self._held = [(event_id, frame, size)]
+                self.hold()
+                self._hold(event_id, frame, size)
                 self.request_catch_up()
                 return
             self._last = event_id
@@ -116,6 +131,15 @@ class Connection:
         """Stop delivering live frames: the Pub/Sub connection was lost, so they may have holes."""
         if self._held is None:
             self._held = []
+            self._held_bytes = 0
+
+    def _hold(self, event_id: EventId | None, frame: str, size: int) -> None:
+        assert self._held is not None
+        if self._queued_bytes + self._held_bytes + size > self._max_queue_bytes:
+            self.close(CloseCode.SLOW_CONSUMER)
+            return
+        self._held.append((event_id, frame, size))
+        self._held_bytes += size
 
     def request_catch_up(self) -> None:
         """Fill a gap from history: after a Pub/Sub outage, or a hole seen in live frames."""
@@ -129,11 +153,17 @@ class Connection:
             while self._catch_up_again:
                 while self._catch_up_again:
                     self._catch_up_again = False
-                    self._apply(await history.after(self._redis, self.user, self._last))
+                    async with self._history_reads:
+                        replay = await history.after(self._redis, self.user, self._last)
+                    self._apply(replay)
                 # Releasing the held frames may reveal another hole, which asks again.
                 self._go_live()
         except RedisError as exc:
             log.warning("catch-up failed for a connection, closing it: %s", exc)
+            self.close(CloseCode.TRY_AGAIN_LATER)
+        except Exception:
+            # Never leave the connection held (open, silent): the client must reconnect.
+            log.exception("catch-up failed for a connection, closing it")
             self.close(CloseCode.TRY_AGAIN_LATER)
         finally:
             self._catch_up = None
@@ -150,11 +180,19 @@ class Connection:
 
     def _go_live(self) -> None:
         held, self._held = self._held or [], None
+        self._held_bytes = 0
+        last = self._last
+        if last is not None:
+            # Frames of an older incarnation than the history just read were superseded by
+            # it (a resync covered them); replaying them would look like a hole forever.
+            # A frame of a newer one that is dropped here shows up as a hole and resyncs.
+            held = [h for h in held if h[0] is None or h[0].epoch == last.epoch]
         for i, (event_id, frame, size) in enumerate(held):
             self.deliver(event_id, frame, size)
             if self._held is not None:
                 # A gap reopened the hold: keep the rest, in order, for after the catch-up.
-                self._held.extend(held[i + 1 :])
+                for rest in held[i + 1 :]:
+                    self._hold(*rest)
                 return
 
     def _enqueue(self, frame: str, charge: int) -> None:

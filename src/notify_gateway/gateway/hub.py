@@ -56,6 +56,9 @@ class Hub:
         except TimeoutError:
             self.leave(conn)
             raise JoinRefused(CloseCode.TRY_AGAIN_LATER, "subscription unavailable") from None
+        except BaseException:
+            self.leave(conn)  # cancelled (shutdown): do not stay registered
+            raise
 
     def leave(self, conn: Connection) -> None:
         conns = self._users.get(conn.user)
@@ -73,7 +76,9 @@ class Hub:
         if not conns:
             return
         event_id = event_id_of(frame)
-        text = frame.decode()
+        # Frames come from the publish script as UTF-8; anything else published on the
+        # channel by hand must not take the reader down.
+        text = frame.decode(errors="replace")
         size = len(frame)
         for conn in conns:
             conn.deliver(event_id, text, size)

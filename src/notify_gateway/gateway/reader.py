@@ -39,7 +39,9 @@ class Reader:
     def __init__(self, redis_url: str, probe_channel: str) -> None:
         # RESP2: Pub/Sub replies are plain arrays that read_response returns; under RESP3
         # (redis-py 8's default) they are push messages its parser keeps to itself.
-        self._pool = ConnectionPool.from_url(redis_url, protocol=2)
+        self._pool = ConnectionPool.from_url(
+            redis_url, protocol=2, socket_connect_timeout=PROBE_DEADLINE
+        )
         self._conn: AbstractConnection | None = None
         self._probe_channel = probe_channel
         self._probe_bytes = probe_channel.encode()
@@ -50,6 +52,10 @@ class Reader:
         # One ordered queue for SUBSCRIBE/UNSUBSCRIBE, so a quick leave-then-join of the same
         # student reaches Redis in that order and the channel ends up subscribed.
         self._commands: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        # Per channel, commands queued or sent whose reply has not arrived. A subscribe reply
+        # confirms a channel only when nothing newer is outstanding: an old reply must not
+        # vouch for a channel whose UNSUBSCRIBE (and new SUBSCRIBE) are still on their way.
+        self._outstanding: dict[str, int] = {}
         self._on_message: Callable[[bytes, bytes], None] = lambda _c, _f: None
         self._on_lost: Callable[[], None] = lambda: None
         self._on_restored: Callable[[], None] = lambda: None
@@ -74,15 +80,27 @@ class Reader:
         if channel in self._confirmed:
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(channel, []).append(waiter)
-        if len(self._waiters[channel]) == 1:
-            self._commands.put_nowait(("SUBSCRIBE", channel))
-        await waiter
+        waiters = self._waiters.setdefault(channel, [])
+        waiters.append(waiter)
+        # Sent even if an earlier SUBSCRIBE is on its way: repeating one is harmless, and
+        # that earlier one may be followed by an UNSUBSCRIBE.
+        self._queue("SUBSCRIBE", channel)
+        try:
+            await waiter
+        finally:
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters and self._waiters.get(channel) is waiters:
+                del self._waiters[channel]
 
     def unsubscribe(self, channel: str) -> None:
         self._wanted.discard(channel)
         self._confirmed.discard(channel)
-        self._commands.put_nowait(("UNSUBSCRIBE", channel))
+        self._queue("UNSUBSCRIBE", channel)
+
+    def _queue(self, command: str, channel: str) -> None:
+        self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
+        self._commands.put_nowait((command, channel))
 
     async def run(self) -> None:
         """Read forever, reconnecting with capped backoff; cancel to stop."""
@@ -96,6 +114,7 @@ class Reader:
                 # What was queued while disconnected is covered by restoring ``_wanted``.
                 while not self._commands.empty():
                     self._commands.get_nowait()
+                self._outstanding.clear()
                 await self._restore(conn)
                 self._probe_seen = time.monotonic()
                 self.connected.set()
@@ -110,14 +129,22 @@ class Reader:
                 finally:
                     sender.cancel()
             except (RedisError, OSError) as exc:
-                if self.connected.is_set():
-                    log.warning("pubsub connection lost: %s", exc)
-                    self.connected.clear()
-                    self._on_lost()
+                self._lost(f"pubsub connection lost: {exc}")
+            except Exception:
+                # Anything unexpected must not end the reader: connections would stay open
+                # and silent. Treat it as a lost connection, which catches everyone up.
+                log.exception("pubsub reader failed; reconnecting")
+                self._lost("pubsub reader failed")
             finally:
                 await self._drop()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    def _lost(self, why: str) -> None:
+        if self.connected.is_set():
+            log.warning("%s", why)
+            self.connected.clear()
+            self._on_lost()
 
     async def probe(self, redis: Redis) -> None:
         """Publish to the probe channel forever; cancel to stop."""
@@ -129,6 +156,8 @@ class Reader:
     async def _restore(self, conn: AbstractConnection) -> None:
         channels = [self._probe_channel, *sorted(self._wanted)]
         self._confirmed.clear()
+        for channel in channels:
+            self._outstanding[channel] = 1
         for start in range(0, len(channels), _RESUBSCRIBE_CHUNK):
             await conn.send_command(
                 "SUBSCRIBE", *channels[start : start + _RESUBSCRIBE_CHUNK], check_health=False
@@ -138,9 +167,9 @@ class Reader:
             reply = await conn.read_response(disable_decoding=True, timeout=PROBE_DEADLINE)
             if reply is None:
                 raise RedisTimeoutError("pubsub subscriptions not confirmed")
-            confirmed = self._handle(reply)
-            if confirmed is not None:
-                pending.discard(confirmed)
+            self._handle(reply)
+            if reply[0] == b"subscribe":
+                pending.discard(reply[1].decode())
 
     async def _send_loop(self, conn: AbstractConnection) -> None:
         while True:
@@ -161,24 +190,29 @@ class Reader:
             if time.monotonic() - self._probe_seen > PROBE_DEADLINE:
                 raise RedisTimeoutError("the pubsub probe did not come back")
 
-    def _handle(self, reply: list[bytes]) -> str | None:
-        """Route one Pub/Sub reply; returns the channel a subscription confirmed, if any."""
+    def _handle(self, reply: list[bytes]) -> None:
+        """Route one Pub/Sub reply: a message to the hub, a confirmation to its waiters."""
         kind = reply[0]
         if kind == b"message":
             if reply[1] == self._probe_bytes:
                 self._probe_seen = time.monotonic()
             else:
                 self._on_message(reply[1], reply[2])
-        elif kind == b"subscribe":
+        elif kind in (b"subscribe", b"unsubscribe"):
             channel = reply[1].decode()
-            self._confirm(channel)
-            return channel
-        return None
+            left = self._outstanding.get(channel, 1) - 1
+            if left > 0:
+                self._outstanding[channel] = left
+                return
+            self._outstanding.pop(channel, None)
+            if kind == b"subscribe":
+                self._confirm(channel)
 
     def _confirm(self, channel: str) -> None:
-        if channel in self._wanted:
-            self._confirmed.add(channel)
-        for waiter in self._waiters.pop(channel, ()):
+        if channel not in self._wanted:
+            return
+        self._confirmed.add(channel)
+        for waiter in self._waiters.get(channel, ()):
             if not waiter.done():
                 waiter.set_result(None)
 
