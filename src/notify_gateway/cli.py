@@ -130,6 +130,28 @@ def cmd_send_event(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from . import api_client
+
+    client = api_client.Client.from_env(os.environ)
+    try:
+        if args.command == "trigger-update":
+            output = api_client.trigger_update(client, args.student_id, args.course_id, args.reason)
+        elif args.command == "publish":
+            output = api_client.publish(
+                client, args.user_id, args.event, args.data, args.invalidate
+            )
+        elif args.command == "presence":
+            output = api_client.presence(client, args.user_id)
+        else:
+            output = api_client.history(client, args.user_id, args.limit)
+    except api_client.CallFailed as exc:
+        print(f"notify: error: {exc}", file=sys.stderr)
+        return 1
+    print(output)
+    return 0
+
+
 def cmd_dev(_args: argparse.Namespace) -> int:
     from .dev import run_dev
 
@@ -161,6 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--topic", help="default: the first of NOTIFY_KAFKA_TOPICS")
     send.add_argument("--event-id", help="default: a new UUID")
     send.set_defaults(func=cmd_send_event)
+
+    # Operator commands: the HTTP API of the gateway at NOTIFY_URL, with NOTIFY_API_KEY.
+    trigger = sub.add_parser(
+        "trigger-update", help="delete a student's cache keys and push an update (audited)"
+    )
+    trigger.add_argument("student_id")
+    trigger.add_argument("--course-id")
+    trigger.add_argument("--reason", help="recorded in the audit log")
+    publish = sub.add_parser("publish", help="publish a notification through the HTTP API")
+    publish.add_argument("user_id")
+    publish.add_argument("event", help="e.g. COURSE_PURCHASED")
+    publish.add_argument("--data", help="a JSON object")
+    publish.add_argument("--invalidate", help="store names, comma-separated: home,learning")
+    presence = sub.add_parser("presence", help="how many devices a student has connected")
+    presence.add_argument("user_id")
+    history = sub.add_parser("history", help="a student's recent notifications")
+    history.add_argument("user_id")
+    history.add_argument("--limit", type=int, default=20)
+    for command in (trigger, publish, presence, history):
+        command.set_defaults(func=cmd_operator)
     return parser
 
 

@@ -9,6 +9,7 @@ the variable's name so an operator knows what to fix without reading a traceback
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -159,6 +160,28 @@ def load_history(env: Mapping[str, str]) -> HistorySettings:
     )
 
 
+DEFAULT_CACHE_KEYS = ("student:home:{studentId}", "student:learning:{studentId}")
+_CACHE_KEY_FIELDS = {"studentId", "courseId"}
+
+
+def _cache_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Templates of the backend cache keys a trigger-update deletes."""
+    raw = _get(env, "NOTIFY_CACHE_KEYS")
+    if raw is None:
+        return DEFAULT_CACHE_KEYS
+    templates = tuple(t.strip() for t in raw.split(",") if t.strip())
+    for template in templates:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+        except ValueError:
+            raise ConfigError("NOTIFY_CACHE_KEYS", f"bad template {template!r}") from None
+        if not fields <= _CACHE_KEY_FIELDS:
+            raise ConfigError(
+                "NOTIFY_CACHE_KEYS", f"{template!r}: only {{studentId}} and {{courseId}} exist"
+            )
+    return templates
+
+
 def _host(env: Mapping[str, str]) -> str:
     return _get(env, "NOTIFY_HOST") or "0.0.0.0"  # noqa: S104 - a service binds all interfaces
 
@@ -177,6 +200,8 @@ class GatewaySettings:
     max_connections: int
     max_connections_per_user: int
     presence_ttl: int
+    api_rate_limit: int
+    cache_keys: tuple[str, ...]
 
 
 def load_gateway(env: Mapping[str, str]) -> GatewaySettings:
@@ -193,6 +218,8 @@ def load_gateway(env: Mapping[str, str]) -> GatewaySettings:
         max_connections=_int(env, "NOTIFY_MAX_CONNECTIONS", 50_000, 1, 10_000_000),
         max_connections_per_user=_int(env, "NOTIFY_MAX_CONNECTIONS_PER_USER", 10, 1, 10_000),
         presence_ttl=_int(env, "NOTIFY_PRESENCE_TTL", 45, 3, 600),
+        api_rate_limit=_int(env, "NOTIFY_API_RATE_LIMIT", 100, 1, 1_000_000),
+        cache_keys=_cache_keys(env),
     )
 
 

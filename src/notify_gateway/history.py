@@ -8,6 +8,7 @@ told to resync. There is no third outcome.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -58,3 +59,9 @@ def _id(epoch: bytes | str | None, seq: bytes | str | None) -> EventId | None:
     if epoch is None or seq is None:
         return None
     return EventId(epoch.decode() if isinstance(epoch, bytes) else epoch, int(seq))
+
+
+async def recent(redis: Redis, user: str, limit: int) -> list[bytes]:
+    """The student's last ``limit`` event frames, oldest first (for diagnosis)."""
+    entries: list[Any] = await redis.xrevrange(keys.history(user), count=limit) or []
+    return [fields[b"f"] for _entry_id, fields in reversed(entries)]

@@ -16,6 +16,15 @@ _CHANNEL_PREFIX = b"{u:"
 _CHANNEL_SUFFIX = b"}:chan"
 
 
+# Process-wide streams and counters, outside any student's slot.
+AUDIT = "notify:audit"
+
+
+def rate(bucket: str, second: int) -> str:
+    """Requests counted in one second for one API key (or one client address)."""
+    return f"notify:rate:{bucket}:{second}"
+
+
 def valid_user_id(user: str) -> bool:
     return _USER_ID.match(user) is not None
 

@@ -1,38 +1,66 @@
 """The HTTP API for backend publishers and operators (``/api/...``).
 
 Callers authenticate with ``Authorization: Bearer <api key>`` from ``NOTIFY_API_KEYS``; the
-key's name is the caller recorded in logs and audit. Errors are always
-``{"error": {"code", "message", "field"}}`` so that clients can show which input was wrong.
+key's name is the caller recorded in the audit log. Errors are always
+``{"error": {"code", "message", "field"}}`` (see schema.py). A request that is refused
+publishes nothing, and a batch is validated whole before any of it is published.
+
+Publishing here goes through the same script as the bridge, so it still reaches students
+when Kafka is down: the path the first incident report was missing.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import orjson
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..keys import valid_user_id
-from . import presence
+from .. import history, keys
+from ..broker import Notification, Publisher, parse_result
+from ..config import GatewaySettings
+from . import audit, openapi, presence, schema
 from .auth import bearer
+from .schema import ApiError
 
-Endpoint = Callable[[Request], Awaitable[Response]]
+log = logging.getLogger(__name__)
 
-
-def error(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message, "field": field}}, status_code=status
-    )
+# Wrong keys answered per client address per second before 429: guessing keys is slow.
+AUTH_FAILURES_PER_SECOND = 10
 
 
-class ApiKeys:
-    def __init__(self, keys: dict[str, str]) -> None:
-        self._keys = [(name, key.encode()) for name, key in keys.items()]
+def _error(exc: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status == 429 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
-    def caller(self, request: Request) -> str | None:
+
+class Api:
+    def __init__(self, settings: GatewaySettings, redis: Redis, publisher: Publisher) -> None:
+        self._keys = [(name, key.encode()) for name, key in settings.api_keys.items()]
+        self._rate_limit = settings.api_rate_limit
+        self._cache_keys = settings.cache_keys
+        self._redis = redis
+        self._publisher = publisher
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/api/publish", self._guard(self.publish), methods=["POST"]),
+            Route("/api/trigger-update", self._guard(self.trigger_update), methods=["POST"]),
+            Route("/api/history/{user_id}", self._guard(self.history), methods=["GET"]),
+            Route("/api/presence/{user_id}", self._guard(self.presence), methods=["GET"]),
+            Route("/api/audit", self._guard(self.audit), methods=["GET"]),
+            Route("/api/openapi.json", self.openapi, methods=["GET"]),
+        ]
+
+    def _caller(self, request: Request) -> str | None:
         """The name of the key presented, or None; every key is compared in constant time."""
         presented = (bearer(request.headers.get("authorization")) or "").encode()
         found = None
@@ -41,21 +69,132 @@ class ApiKeys:
                 found = name
         return found
 
-    def guard(self, endpoint: Callable[[Request, str], Awaitable[Response]]) -> Endpoint:
+    def _guard(
+        self, endpoint: Callable[[Request, str], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
-            caller = self.caller(request)
-            if caller is None:
-                return error(401, "unauthorized", "a valid API key is required")
-            return await endpoint(request, caller)
+            try:
+                caller = self._caller(request)
+                if caller is None:
+                    client = request.client.host if request.client else "unknown"
+                    await self._count(f"auth:{client}", AUTH_FAILURES_PER_SECOND)
+                    raise ApiError(401, "unauthorized", "a valid API key is required")
+                await self._count(f"key:{caller}", self._rate_limit)
+                return await endpoint(request, caller)
+            except ApiError as exc:
+                return _error(exc)
+            except RedisError as exc:
+                log.warning("api request failed, Redis unavailable: %s", exc)
+                return _error(ApiError(503, "unavailable", "storage unavailable, retry later"))
 
         return guarded
 
+    async def _count(self, bucket: str, limit: int) -> None:
+        """Fixed one-second windows in Redis, so the limit holds across gateway processes."""
+        key = keys.rate(bucket, int(time.time()))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 2)
+            count, _ = await pipe.execute()
+        if count > limit:
+            raise ApiError(429, "rate_limited", f"over {limit} requests per second")
 
-def routes(keys: ApiKeys, redis: Redis) -> list[Route]:
-    async def get_presence(request: Request, _caller: str) -> Response:
-        user = request.path_params["user_id"]
-        if not valid_user_id(user):
-            return error(422, "invalid", "not a valid user id", "user_id")
-        return JSONResponse({"user_id": user, "connections": await presence.count(redis, user)})
+    @staticmethod
+    async def _body(request: Request) -> dict[str, Any]:
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > schema.MAX_BODY_BYTES:
+            raise ApiError(413, "too_large", f"the body is over {schema.MAX_BODY_BYTES} bytes")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > schema.MAX_BODY_BYTES:
+                raise ApiError(413, "too_large", f"the body is over {schema.MAX_BODY_BYTES} bytes")
+        return schema.parse_json(raw)
 
-    return [Route("/api/presence/{user_id}", keys.guard(get_presence), methods=["GET"])]
+    async def publish(self, request: Request, caller: str) -> Response:
+        notifications = schema.publish_request(await self._body(request))
+        # One MULTI/EXEC: the batch is published whole or not at all.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for notification in notifications:
+                await self._publisher.queue(notification, pipe)
+            results = await pipe.execute()
+        ids = [str(parse_result(result).id) for result in results]
+        log.info("%s published %d notification(s)", caller, len(ids))
+        return JSONResponse({"ids": ids}, status_code=202)
+
+    async def trigger_update(self, request: Request, caller: str) -> Response:
+        try:
+            update = schema.trigger_update_request(await self._body(request))
+        except ApiError as exc:
+            await audit.append(
+                self._redis, {"caller": caller, "action": "trigger-update", "result": exc.body()}
+            )
+            raise
+        values = {"studentId": update.student_id, "courseId": update.course_id}
+        cache_keys = [
+            template.format_map(values)
+            for template in self._cache_keys
+            if update.course_id is not None or "{courseId}" not in template
+        ]
+        data: dict[str, Any] = {}
+        if update.course_id is not None:
+            data["courseId"] = update.course_id
+        if update.reason is not None:
+            data["reason"] = update.reason
+        notification = Notification(update.student_id, update.event, data, update.invalidate)
+        # Cache first, then the push, as in the bridge: an app that refetches on the event
+        # must not read the stale cache.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in cache_keys:
+                pipe.delete(key)
+            await self._publisher.queue(notification, pipe)
+            *deleted, published = await pipe.execute()
+        event_id = str(parse_result(published).id)
+        result = {
+            "id": event_id,
+            "cache_keys_deleted": [k for k, n in zip(cache_keys, deleted, strict=True) if n],
+            "connections": await presence.count(self._redis, update.student_id),
+        }
+        await audit.append(
+            self._redis,
+            {
+                "caller": caller,
+                "action": "trigger-update",
+                "student_id": update.student_id,
+                "course_id": update.course_id,
+                "reason": update.reason,
+                "event": update.event,
+                "result": result,
+            },
+        )
+        return JSONResponse(result)
+
+    async def history(self, request: Request, _caller: str) -> Response:
+        user = self._user(request)
+        limit = schema.limit(request.query_params.get("limit"), 50, 1000)
+        frames = await history.recent(self._redis, user, limit)
+        return JSONResponse({"user_id": user, "events": [orjson.loads(f) for f in frames]})
+
+    async def presence(self, request: Request, _caller: str) -> Response:
+        user = self._user(request)
+        return JSONResponse(
+            {"user_id": user, "connections": await presence.count(self._redis, user)}
+        )
+
+    async def audit(self, request: Request, _caller: str) -> Response:
+        limit = schema.limit(request.query_params.get("limit"), 50, 1000)
+        return JSONResponse({"entries": await audit.recent(self._redis, limit)})
+
+    @staticmethod
+    async def openapi(_request: Request) -> Response:
+        return JSONResponse(openapi.DOCUMENT)
+
+    @staticmethod
+    def _user(request: Request) -> str:
+        user: str = request.path_params["user_id"]
+        if not keys.valid_user_id(user):
+            raise ApiError(422, "invalid", "not a valid user id", "user_id")
+        return user

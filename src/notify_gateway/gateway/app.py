@@ -17,6 +17,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from .. import protocol, redis_client
+from ..broker import Publisher
 from ..config import GatewaySettings
 from ..protocol import CloseCode, ProtocolViolation
 from . import api
@@ -177,7 +178,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             WebSocketRoute("/ws", gateway.serve),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            *api.routes(api.ApiKeys(settings.api_keys), gateway.redis),
+            *api.Api(settings, gateway.redis, Publisher(gateway.redis, settings.history)).routes(),
         ],
         lifespan=lifespan,
     )

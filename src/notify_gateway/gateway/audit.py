@@ -1,0 +1,36 @@
+"""The operators' audit log: one Redis Stream entry per trigger-update call.
+
+The incident reports' manual scripts left no trace of who changed what for whom. Every
+trigger-update call, accepted or not, is recorded with its caller (the API key's name),
+time, student, reason and result.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from .. import keys
+
+# Approximate trimming keeps the stream bounded at O(1) cost per append.
+MAX_ENTRIES = 100_000
+
+
+async def append(redis: Redis, entry: dict[str, Any]) -> None:
+    record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **entry}
+    await redis.xadd(
+        keys.AUDIT, {"entry": orjson.dumps(record)}, maxlen=MAX_ENTRIES, approximate=True
+    )
+
+
+async def recent(redis: Redis, limit: int) -> list[dict[str, Any]]:
+    """Newest first."""
+    rows: list[Any] = await redis.xrevrange(keys.AUDIT, count=limit) or []
+    return [{"id": _text(entry_id), **orjson.loads(fields[b"entry"])} for entry_id, fields in rows]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
