@@ -138,7 +138,7 @@ class Bridge:
                 # Logged once per outage, not once per attempt.
                 attempts += 1
                 if attempts == 1:
-                    log.warning("kafka unavailable (%s); retrying until it answers", exc)
+                    log.warning("kafka unavailable (%r); retrying until it answers", exc)
                 await self._stop_kafka()
                 self._consumer, self._producer = self._new_clients()
                 await _sleep(stop, backoff)
