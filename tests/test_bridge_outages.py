@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -26,7 +29,7 @@ from .support import (
     start_gateway,
     unique,
 )
-from .test_bridge import run_bridge
+from .test_bridge import RunningBridge, run_bridge
 
 
 class Tally:
@@ -124,41 +127,68 @@ async def test_kill_9_mid_stream_then_restart_delivers_10000_exactly_once(
         embedded.stop(bridge)
 
 
+@dataclass
+class Stream:
+    """Five students receiving numbered events through a bridge of their own."""
+
+    running: RunningBridge
+    students: list[str]
+    tally: Tally
+    producer: AIOKafkaProducer
+
+    async def send(self, numbers: range, acked: bool = True) -> list[asyncio.Future[Any]]:
+        """Produce ``numbers`` to every student; unacked sends are returned to await later."""
+        pending = []
+        for n in numbers:
+            for student in self.students:
+                sent = await self.producer.send(
+                    self.running.topic, event(student, n), key=student.encode()
+                )
+                if acked:
+                    await sent
+                else:
+                    pending.append(sent)
+        return pending
+
+    def assert_exactly(self, numbers: range) -> None:
+        for student in self.students:
+            assert self.tally.received[student] == list(numbers), student
+
+
+@contextlib.asynccontextmanager
+async def stream(redis_url: str, bootstrap: str) -> AsyncIterator[Stream]:
+    """The stack up and the first 20 events of each of five students delivered."""
+    async with (
+        start_gateway(redis_url) as gateway,
+        run_bridge(redis_url, bootstrap) as running,
+    ):
+        clients = await connect_students(gateway, 5)
+        tally = Tally(clients)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            flow = Stream(running, list(clients), tally, producer)
+            await flow.send(range(20))
+            await tally.wait_for(100, within=30)
+            yield flow
+        finally:
+            tally.close()
+            await producer.stop()
+
+
 async def test_kafka_frozen_for_30_seconds_loses_nothing(redis_url: str) -> None:
     kafka = embedded.start_kafka()
     try:
-        async with (
-            start_gateway(redis_url) as gateway,
-            run_bridge(redis_url, kafka.address) as running,
-        ):
-            clients = await connect_students(gateway, 5)
-            tally = Tally(clients)
-            producer = AIOKafkaProducer(bootstrap_servers=kafka.address, acks="all")
-            await producer.start()
-            try:
-                for n in range(20):
-                    for student in clients:
-                        await producer.send_and_wait(
-                            running.topic, event(student, n), key=student.encode()
-                        )
-                await tally.wait_for(100, within=30)
-                kafka.process.send_signal(signal.SIGSTOP)
-                # Producers keep producing; their sends complete once the broker is back.
-                pending = [
-                    await producer.send(running.topic, event(student, n), key=student.encode())
-                    for n in range(20, 60)
-                    for student in clients
-                ]
-                await asyncio.sleep(30)
-                assert tally.total == 100
-                kafka.process.send_signal(signal.SIGCONT)
-                await asyncio.gather(*pending)
-                await tally.wait_for(300, within=60)
-                for student in clients:
-                    assert tally.received[student] == list(range(60))
-            finally:
-                tally.close()
-                await producer.stop()
+        async with stream(redis_url, kafka.address) as flow:
+            kafka.process.send_signal(signal.SIGSTOP)
+            # Producers keep producing; their sends complete once the broker is back.
+            pending = await flow.send(range(20, 60), acked=False)
+            await asyncio.sleep(30)
+            assert flow.tally.total == 100
+            kafka.process.send_signal(signal.SIGCONT)
+            await asyncio.gather(*pending)
+            await flow.tally.wait_for(300, within=60)
+            flow.assert_exactly(range(60))
     finally:
         kafka.process.send_signal(signal.SIGCONT)
         kafka.stop()
@@ -169,38 +199,16 @@ async def test_redis_frozen_for_10_seconds_loses_and_duplicates_nothing(
 ) -> None:
     redis_server = embedded.start_redis()
     try:
-        async with (
-            start_gateway(redis_server.address) as gateway,
-            run_bridge(redis_server.address, kafka_bootstrap) as running,
-        ):
-            clients = await connect_students(gateway, 5)
-            tally = Tally(clients)
-            producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-            await producer.start()
-            try:
-                for n in range(20):
-                    for student in clients:
-                        await producer.send_and_wait(
-                            running.topic, event(student, n), key=student.encode()
-                        )
-                await tally.wait_for(100, within=30)
-                redis_server.process.send_signal(signal.SIGSTOP)
-                for n in range(20, 60):
-                    for student in clients:
-                        await producer.send_and_wait(
-                            running.topic, event(student, n), key=student.encode()
-                        )
-                await asyncio.sleep(10)
-                assert not running.bridge.ready
-                redis_server.process.send_signal(signal.SIGCONT)
-                await tally.wait_for(300, within=60)
-                await asyncio.sleep(1)
-                for student in clients:
-                    assert tally.received[student] == list(range(60)), student
-                assert running.bridge.ready
-            finally:
-                tally.close()
-                await producer.stop()
+        async with stream(redis_server.address, kafka_bootstrap) as flow:
+            redis_server.process.send_signal(signal.SIGSTOP)
+            await flow.send(range(20, 60))
+            await asyncio.sleep(10)
+            assert not flow.running.bridge.ready
+            redis_server.process.send_signal(signal.SIGCONT)
+            await flow.tally.wait_for(300, within=60)
+            await asyncio.sleep(1)  # a duplicate would have arrived by now
+            flow.assert_exactly(range(60))
+            assert flow.running.bridge.ready
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
         redis_server.stop()
