@@ -65,3 +65,12 @@ def student() -> str:
 async def gateway(redis_url: str) -> AsyncIterator[GatewayServer]:
     async with start_gateway(redis_url) as server:
         yield server
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The chaos and security figures, as a table (and reports/chaos.md, not committed)."""
+    from .chaos import report
+
+    if report.ROWS:
+        terminalreporter.write_sep("=", "chaos and security figures")
+        terminalreporter.write_line(report.write())

