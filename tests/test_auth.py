@@ -20,7 +20,8 @@ def encode(claims: dict[str, object], key: str = SECRET, algorithm: str = "HS256
 
 def valid_claims(**extra: object) -> dict[str, object]:
     now = int(time.time())
-    return {"sub": "s1", "exp": now + 60, "aud": "app", "iss": "backend", **extra}
+    # Tokens are minted at import (parametrize): the expiry must outlast a slow run.
+    return {"sub": "s1", "exp": now + 3600, "aud": "app", "iss": "backend", **extra}
 
 
 def test_minted_token_verifies() -> None:
@@ -41,7 +42,7 @@ def test_minted_token_verifies() -> None:
         (encode({k: v for k, v in valid_claims().items() if k != "exp"}), "MissingRequiredClaim"),
         (encode(valid_claims(sub="a{b}")), "sub is not a valid user id"),
         (jwt.encode(valid_claims(), "", algorithm="none"), "InvalidAlgorithmError"),
-        ("x" * 9000, "too large"),
+        ("x" * 5000, "too large"),
     ],
 )
 def test_bad_tokens_are_refused(token: str, reason: str) -> None:

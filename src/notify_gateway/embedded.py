@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import IO
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
@@ -40,9 +41,13 @@ def _die_with_parent() -> None:
 
 
 def spawn(
-    args: Sequence[str], env: dict[str, str] | None = None, quiet: bool = False
+    args: Sequence[str],
+    env: dict[str, str] | None = None,
+    quiet: bool = False,
+    log: IO[bytes] | None = None,
 ) -> subprocess.Popen[bytes]:
-    output = subprocess.DEVNULL if quiet else None
+    """Start a child that dies with us; its output is inherited, discarded or sent to ``log``."""
+    output: IO[bytes] | int | None = subprocess.DEVNULL if quiet else log
     return subprocess.Popen(  # noqa: S603 - arguments are built by this module, not a shell
         list(args),
         env=env,

@@ -46,6 +46,8 @@ recipients = ["studentId"]
 fields = ["n", "sentAt", "pad"]
 """
 TOPIC = "chaos.events"
+# Soak runs: CHAOS_SCALE=10 streams ten times longer in every scenario.
+SCALE = float(os.environ.get("CHAOS_SCALE", "1"))
 
 
 class TcpProxy:
@@ -317,7 +319,7 @@ class Run:
 
     async def stream(self, seconds: float, rate: int) -> None:
         """Produce ``rate`` events per second, round-robin over students, open loop."""
-        start, count = time.monotonic(), int(seconds * rate)
+        start, count = time.monotonic(), int(seconds * SCALE * rate)
         for i in range(count):
             delay = start + i / rate - time.monotonic()
             if delay > 0:
