@@ -204,7 +204,7 @@ async def test_refused_trigger_update_is_audited_too(http: httpx.AsyncClient) ->
     assert entry["result"]["error"]["field"] == "reasons"
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=abc", "limit=5000"])
+@pytest.mark.parametrize("query", ["limit=0", "limit=abc", "limit=5000", "limit=%C2%B2"])
 async def test_limits_are_validated(http: httpx.AsyncClient, query: str) -> None:
     response = await http.get(f"/api/audit?{query}")
     assert response.status_code == 422
@@ -269,3 +269,14 @@ async def test_operator_cli(gateway: GatewayServer, redis: Redis, student: str) 
     assert result.returncode == 1
     assert "(field event)" in result.stderr
     await ws.close()
+
+
+async def test_data_nested_too_deeply_is_a_422(http: httpx.AsyncClient, student: str) -> None:
+    # Valid JSON that orjson reads (depth 300) but cannot write back: a 422, not a 500.
+    nested = b"[" * 300 + b"1" + b"]" * 300
+    body = b'{"user_id":"%s","event":"E","data":{"x":%s}}' % (student.encode(), nested)
+    response = await http.post(
+        "/api/publish", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "data"

@@ -12,7 +12,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.asyncio import Redis
 
-from notify_gateway import config, embedded
+from notify_gateway import config, embedded, keys
 from notify_gateway.bridge import rules
 from notify_gateway.bridge.consumer import Bridge
 
@@ -223,3 +223,34 @@ async def test_poison_messages_are_dead_lettered_and_the_stream_goes_on(
         b"not json",
         *(orjson.dumps(p) for p in poison[1:]),
     }
+
+
+async def test_events_redis_rejects_or_json_cannot_encode_are_dead_lettered(
+    gateway: GatewayServer, redis: Redis, redis_url: str, kafka_bootstrap: str, student: str
+) -> None:
+    """Errors tied to one event set it aside; the partition does not stall behind it."""
+    broken = student + "-broken"
+    await redis.set(keys.meta(broken), "not a hash")  # WRONGTYPE for the publish script
+    # orjson reads this depth (a copied field) but cannot write it back.
+    deep = b'{"eventId":"%s","eventType":"SESSIONS_GENERATED","data":{"studentId":"%s",' % (
+        unique("evt").encode(),
+        student.encode(),
+    ) + b'"courseId":%s}}' % (b"[" * 300 + b"1" + b"]" * 300)
+    ws, _ = await open_client(gateway.ws_url(student))
+    async with run_bridge(redis_url, kafka_bootstrap) as bridge:
+        await produce(
+            kafka_bootstrap,
+            bridge.topic,
+            [
+                domain_event("SESSIONS_GENERATED", studentId=broken, sessionCount=1),
+                deep,
+                domain_event("SESSIONS_GENERATED", studentId=student, sessionCount=2),
+            ],
+            key=student,
+        )
+        [frame] = await events(ws, 1, timeout=30)
+        letters = await read_topic(kafka_bootstrap, bridge.dlq, 2)
+    assert frame["data"] == {"sessionCount": 2}
+    reasons = sorted(dict(m.headers)["notify-dlq-reason"].decode() for m in letters)
+    assert reasons[0].startswith("data cannot be encoded as JSON")
+    assert reasons[1].startswith("redis rejected the event's work: WRONGTYPE")

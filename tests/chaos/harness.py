@@ -6,8 +6,10 @@ rotate gateways like a load balancer would) and records what it received. The ac
 classifies every produced event of every student:
 
 - delivered: received exactly once, in order;
-- resynced: not received, but produced before a ``resync`` reached the device (which then
-  reloads its stores, so the event's effect is not missed);
+- resynced: not received, and lying between the last event received before a ``resync``
+  and the first one received after it (the device reloads its stores; the stream is in
+  order, so later events cannot fill that window). A trailing resync covers only events
+  produced before it arrived. A hole that opens before a resync is lost, not resynced;
 - duplicate / reordered: received again, or after a later one;
 - lost: none of the above. The promise is that this is always 0.
 """
@@ -264,23 +266,31 @@ def account(produced: int, items: list[tuple[str, int]]) -> Figures:
     """Classify events 0..produced-1 from what one device received (see the module doc)."""
     figures = Figures(produced=produced)
     seen: set[int] = set()
+    covered: set[int] = set()
     highest = -1
-    covered_below = 0
+    # Open resync window: the highest event received before it, and how many events had
+    # been produced when the (last) resync of the window arrived.
+    window: tuple[int, int] | None = None
     for kind, n in items:
         if kind == "r":
             figures.resync_frames += 1
-            covered_below = max(covered_below, n)
+            window = (highest if window is None else window[0], n)
         elif n in seen:
             figures.duplicates += 1
         else:
             if n < highest:
                 figures.reordered += 1
+            if window is not None:
+                covered.update(range(window[0] + 1, n))
+                window = None
             seen.add(n)
             highest = max(highest, n)
+    if window is not None:
+        covered.update(range(window[0] + 1, window[1]))
     for n in range(produced):
         if n in seen:
             figures.delivered += 1
-        elif n < covered_below:
+        elif n in covered:
             figures.resynced += 1
         else:
             figures.lost += 1

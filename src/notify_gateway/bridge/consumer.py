@@ -196,8 +196,10 @@ class Bridge:
         """All Redis work of the batch in one pipeline, in Kafka order.
 
         A connection error raises and the whole batch is retried (the dedupe keys make that
-        safe). A command Redis rejects (WRONGTYPE, a script error) will be rejected again
-        however often it is retried, so that event is dead-lettered instead.
+        safe), and so does any error that says nothing about the event itself: NOSCRIPT
+        after a restart, OOM, READONLY after a failover, BUSY. Only an error tied to this
+        event's own keys (WRONGTYPE) would recur on every retry, so that event is
+        dead-lettered. A payload that cannot be encoded is dead-lettered before it is sent.
         """
         work = [item for item in items if item.outcome is not None]
         if not work:
@@ -211,9 +213,16 @@ class Bridge:
                     pipe.delete(*item.outcome.cache_keys)
                     slots.append((item, None))
                 for notification in item.outcome.notifications:
-                    await self._publisher.queue(notification, pipe)
+                    try:
+                        await self._publisher.queue(notification, pipe)
+                    except TypeError as exc:  # orjson: nesting too deep, non-string keys
+                        item.reason = f"data cannot be encoded as JSON: {exc}"
+                        continue
                     slots.append((item, notification.event))
             results = await pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, ResponseError) and not _event_specific(result):
+                raise result
         now = datetime.now(UTC)
         for (item, event), result in zip(slots, results, strict=True):
             if isinstance(result, ResponseError):
@@ -291,6 +300,11 @@ class Bridge:
     async def _close(self) -> None:
         await self._stop_kafka()
         await self._redis.aclose()
+
+
+def _event_specific(error: ResponseError) -> bool:
+    """An error that retrying cannot cure because it is about the event's own keys."""
+    return str(error).startswith("WRONGTYPE")
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

@@ -105,7 +105,7 @@ class Api:
         if media != "application/json":
             raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json")
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > schema.MAX_BODY_BYTES:
+        if declared.isascii() and declared.isdigit() and int(declared) > schema.MAX_BODY_BYTES:
             raise ApiError(413, "too_large", f"the body is over {schema.MAX_BODY_BYTES} bytes")
         raw = b""
         async for chunk in request.stream():
@@ -153,23 +153,31 @@ class Api:
             await self._publisher.queue(notification, pipe)
             *deleted, published = await pipe.execute()
         event_id = str(parse_result(published).id)
+        # The push went out: from here a Redis hiccup must not turn into an error that
+        # invites the operator to push twice. Presence and the audit entry are best effort.
+        try:
+            connections: int | None = await presence.count(self._redis, update.student_id)
+        except RedisError as exc:
+            log.warning("trigger-update: presence unavailable: %s", exc)
+            connections = None
         result = {
             "id": event_id,
             "cache_keys_deleted": [k for k, n in zip(cache_keys, deleted, strict=True) if n],
-            "connections": await presence.count(self._redis, update.student_id),
+            "connections": connections,
         }
-        await audit.append(
-            self._redis,
-            {
-                "caller": caller,
-                "action": "trigger-update",
-                "student_id": update.student_id,
-                "course_id": update.course_id,
-                "reason": update.reason,
-                "event": update.event,
-                "result": result,
-            },
-        )
+        entry = {
+            "caller": caller,
+            "action": "trigger-update",
+            "student_id": update.student_id,
+            "course_id": update.course_id,
+            "reason": update.reason,
+            "event": update.event,
+            "result": result,
+        }
+        try:
+            await audit.append(self._redis, entry)
+        except RedisError:
+            log.exception("trigger-update pushed %s but could not be audited: %s", event_id, entry)
         return JSONResponse(result)
 
     async def history(self, request: Request, _caller: str) -> Response:

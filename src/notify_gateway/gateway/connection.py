@@ -181,12 +181,21 @@ class Connection:
     def _go_live(self) -> None:
         held, self._held = self._held or [], None
         self._held_bytes = 0
-        last = self._last
-        if last is not None:
-            # Frames of an older incarnation than the history just read were superseded by
-            # it (a resync covered them); replaying them would look like a hole forever.
-            # A frame of a newer one that is dropped here shows up as a hole and resyncs.
-            held = [h for h in held if h[0] is None or h[0].epoch == last.epoch]
+        # Only frames of the incarnation just read can follow it. Older ones were covered by
+        # the resync that ended it; replaying them would look like a hole forever. A newer
+        # one means the history changed during the read: read again, which delivers it or
+        # says resync, instead of waiting for the next event to reveal the hole.
+        epoch = None if self._last is None else self._last.epoch
+        kept = [h for h in held if h[0] is None or h[0].epoch == epoch]
+        if len(kept) < len(held):
+            held = kept
+            self.request_catch_up()
+            self._held = self._held or []
+            if self._catch_up is not None:
+                # A catch-up is already running (we are inside it): hold the rest for it.
+                for item in held:
+                    self._hold(*item)
+                return
         for i, (event_id, frame, size) in enumerate(held):
             self.deliver(event_id, frame, size)
             if self._held is not None:

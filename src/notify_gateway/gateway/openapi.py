@@ -152,7 +152,10 @@ DOCUMENT: dict[str, Any] = {
                                     "type": "array",
                                     "items": {"type": "string"},
                                 },
-                                "connections": {"type": "integer"},
+                                "connections": {
+                                    "type": ["integer", "null"],
+                                    "description": "null if presence could not be read",
+                                },
                             },
                         }
                     ),

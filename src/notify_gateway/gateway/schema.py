@@ -113,7 +113,13 @@ def _notification(doc: Any, prefix: str) -> Notification:
     data = doc.get("data", {})
     if not isinstance(data, dict):
         raise ApiError(422, "invalid", "data must be a JSON object", prefix + "data")
-    if len(orjson.dumps(data)) > MAX_DATA_BYTES:
+    try:
+        encoded = orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        raise ApiError(
+            422, "invalid", "data is nested too deeply to encode", prefix + "data"
+        ) from None
+    if len(encoded) > MAX_DATA_BYTES:
         raise ApiError(413, "too_large", f"data is over {MAX_DATA_BYTES} bytes", prefix + "data")
     invalidate = _stores(doc, "invalidate", prefix, ())
     key = _optional_str(doc, "idempotency_key", prefix, MAX_KEY_LENGTH)
@@ -159,6 +165,6 @@ def trigger_update_request(doc: dict[str, Any]) -> TriggerUpdate:
 def limit(raw: str | None, default: int, maximum: int) -> int:
     if raw is None:
         return default
-    if not raw.isdigit() or not 0 < int(raw) <= maximum:
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) <= maximum:
         raise ApiError(422, "invalid", f"limit must be an integer from 1 to {maximum}", "limit")
     return int(raw)
