@@ -149,3 +149,33 @@ async def test_tokens_never_reach_the_logs(
     )
     assert "/ws?token=[redacted]" in server
     assert secret.split(".")[2] not in server
+
+
+async def test_metrics_count_what_happened(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    import httpx
+
+    pub = publisher(redis)
+    ws, _ = await open_client(gateway.ws_url(student))
+    first = await pub.publish(Notification(student, "E", {"n": 1}))
+    await pub.publish(Notification(student, "E", {"n": 2}))
+    await events(ws, 2)
+    resumed, welcome = await open_client(gateway.ws_url(student, since=str(first.id)))
+    assert welcome["recovered"] is True
+    await events(resumed, 1)
+    stale, _ = await open_client(gateway.ws_url(student, since="garbage"))
+    async with httpx.AsyncClient(base_url=gateway.url) as http:
+        text = (await http.get("/metrics")).text
+    expected = [
+        'notify_gateway_notifications_pushed_total{source="live"} 2.0',
+        'notify_gateway_notifications_pushed_total{source="replay"} 1.0',
+        'notify_gateway_resumes_total{outcome="recovered"} 1.0',
+        'notify_gateway_resumes_total{outcome="resync"} 1.0',
+        "notify_gateway_connections 3.0",
+        "notify_gateway_publish_to_fanout_seconds_count 2.0",
+    ]
+    for line in expected:
+        assert line in text, line
+    for client in (ws, resumed, stale):
+        await client.close()

@@ -9,6 +9,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -24,6 +25,7 @@ from . import api
 from .auth import AuthError, TokenVerifier, bearer
 from .connection import Connection
 from .hub import Hub, JoinRefused
+from .metrics import GatewayMetrics
 from .presence import PresenceWriter
 from .reader import Reader
 
@@ -47,7 +49,10 @@ class Gateway:
             settings.presence_ttl,
             lambda user: self.hub.connections(user),
         )
-        self.hub = Hub(self.reader, settings.max_connections_per_user, self.presence.changed)
+        self.metrics = GatewayMetrics(lambda: self.hub.connection_count)
+        self.hub = Hub(
+            self.reader, settings.max_connections_per_user, self.presence.changed, self.metrics
+        )
         self.verifier = TokenVerifier(settings.jwt)
         self.history_reads = asyncio.Semaphore(HISTORY_READ_CONCURRENCY)
         self._tasks: list[asyncio.Task[None]] = []
@@ -90,6 +95,7 @@ class Gateway:
             self.redis,
             self.settings.send_queue_bytes,
             self.history_reads,
+            self.metrics,
         )
         try:
             await self.hub.join(conn)
@@ -169,6 +175,10 @@ def create_app(settings: GatewaySettings) -> Starlette:
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def metrics(_request: Request) -> Response:
+        registry = gateway.metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     async def readyz(_request: Request) -> Response:
         ready = gateway.reader.delivering
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
@@ -178,6 +188,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             WebSocketRoute("/ws", gateway.serve),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Route("/metrics", metrics),
             *api.Api(settings, gateway.redis, Publisher(gateway.redis, settings.history)).routes(),
         ],
         lifespan=lifespan,

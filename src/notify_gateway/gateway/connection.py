@@ -28,6 +28,7 @@ from starlette.websockets import WebSocket
 
 from .. import history, protocol
 from ..protocol import CloseCode, EventId
+from .metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ class Connection:
         redis: Redis,
         max_queue_bytes: int,
         history_reads: asyncio.Semaphore,
+        metrics: GatewayMetrics,
     ):
         self.user = user
+        self._metrics = metrics
         self._ws = websocket
         self._redis = redis
         # Shared by every connection of the process: after a Pub/Sub outage all of them
@@ -91,9 +94,9 @@ class Connection:
                 else:
                     head = await history.current(self._redis, self.user)
                     replay = history.Replay([], head, "malformed id")
-            self.send(
-                protocol.welcome(self.user, replay.last_id, recovered=replay.resync_reason is None)
-            )
+            recovered = replay.resync_reason is None
+            self._metrics.resumes.labels("recovered" if recovered else "resync").inc()
+            self.send(protocol.welcome(self.user, replay.last_id, recovered=recovered))
             self._apply(replay)
         self._started = True
         if self._catch_up_again:
@@ -175,6 +178,7 @@ class Connection:
             return
         for _event_id, frame in replay.frames:
             self._enqueue(frame.decode(), 0)
+        self._metrics.pushed.labels("replay").inc(len(replay.frames))
         # The read was one transaction: the frames end exactly at last_id.
         self._last = replay.last_id
 
@@ -218,6 +222,8 @@ class Connection:
         """Ask the writer to close the socket; queued frames are dropped (history has them)."""
         if self.closing:
             return
+        if code == CloseCode.SLOW_CONSUMER:
+            self._metrics.slow_closes.inc()
         self._close_code = code
         self._queue.clear()
         self._queued_bytes = 0

@@ -9,11 +9,13 @@ handed to every connection's queue, so the reader never waits on a socket.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from .. import keys
 from ..protocol import CloseCode, event_id_of
 from .connection import Connection
+from .metrics import GatewayMetrics
 from .reader import Reader
 
 SUBSCRIBE_TIMEOUT = 5.0
@@ -27,8 +29,15 @@ class JoinRefused(Exception):
 
 
 class Hub:
-    def __init__(self, reader: Reader, max_per_user: int, on_change: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        reader: Reader,
+        max_per_user: int,
+        on_change: Callable[[str], None],
+        metrics: GatewayMetrics,
+    ) -> None:
         self._reader = reader
+        self._metrics = metrics
         self._max_per_user = max_per_user
         # Told which student's connection count changed (presence).
         self._on_change = on_change
@@ -82,6 +91,11 @@ class Hub:
         size = len(frame)
         for conn in conns:
             conn.deliver(event_id, text, size)
+        self._metrics.pushed.labels("live").inc(len(conns))
+        self._metrics.bytes.inc(size * len(conns))
+        published_ms = _ts(frame)
+        if published_ms is not None:
+            self._metrics.publish_to_fanout.observe(max(0.0, time.time() - published_ms / 1000))
 
     def pause(self) -> None:
         """The Pub/Sub connection dropped: frames published from now on were never seen."""
@@ -94,7 +108,18 @@ class Hub:
 
         Redis may have restarted and lost presence too, so every count is rewritten.
         """
+        self._metrics.pubsub_reconnects.inc()
         for user, conns in self._users.items():
             self._on_change(user)
             for conn in conns:
                 conn.request_catch_up()
+
+
+def _ts(frame: bytes) -> int | None:
+    """The publish time an event frame ends with (``"ts":<ms>}``), read without parsing it."""
+    tail = frame[-24:]
+    start = tail.rfind(b'"ts":')
+    if start < 0 or not tail.endswith(b"}"):
+        return None
+    digits = tail[start + 5 : -1]
+    return int(digits) if digits.isdigit() else None
