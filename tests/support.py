@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -128,3 +130,15 @@ def domain_event(event_type: str, event_id: str | None = None, **data: Any) -> d
         "occurredAt": "2026-11-21T10:00:00+00:00",
         "data": data,
     }
+
+
+def wait_ready(url: str, within: float = 20) -> None:
+    """Block until a gateway (or bridge) process at ``url`` answers /readyz with 200."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, f"{url} not ready within {within:.0f} s"
+            time.sleep(0.1)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +18,7 @@ from notify_gateway import config, embedded
 from notify_gateway.gateway.app import create_app
 from notify_gateway.gateway.openapi import DOCUMENT
 
-from .support import API_KEY, settings_env
+from .support import API_KEY, settings_env, wait_ready
 
 
 def test_the_document_lists_exactly_the_live_api_routes() -> None:
@@ -46,14 +44,7 @@ def live_url(redis_url: str) -> Iterator[str]:
     }
     process = embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "gateway"], env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=1):
-                break
-        except OSError:
-            assert time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.1)
+    wait_ready(url)
     yield url
     embedded.stop(process)
 

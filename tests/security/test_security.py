@@ -6,7 +6,6 @@ import asyncio
 import os
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from notify_gateway.gateway import schema
 
 from ..chaos.harness import Figures
 from ..chaos.report import record
-from ..support import API_KEY, JWT_SECRET, settings_env
+from ..support import API_KEY, JWT_SECRET, settings_env, wait_ready
 from . import fuzz
 
 FUZZ_EXAMPLES = 10_000
@@ -55,26 +54,12 @@ def live(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
         "NOTIFY_LOG_LEVEL": "DEBUG",
     }  # fmt: skip
     with log_path.open("wb") as log:
-        process = embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "gateway"], env)
-        process.stderr = None
-    # Re-spawn with the log redirected (spawn() inherits or discards output).
-    embedded.stop(process)
-    log = log_path.open("wb")
-    process = __import__("subprocess").Popen(
-        [sys.executable, "-m", "notify_gateway.cli", "gateway"], env=env, stdout=log, stderr=log
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=1):
-                break
-        except OSError:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-    yield url, log_path
-    embedded.stop(process)
-    log.close()
+        command = [sys.executable, "-m", "notify_gateway.cli", "gateway"]
+        process = embedded.spawn(command, env, log=log)
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url)
+        yield url, log_path
+        embedded.stop(process)
 
 
 def student_token(user: str | None, **claims: Any) -> str:
