@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -20,11 +19,9 @@ from .bridge.rules import RuleError
 
 
 def _configure_logging() -> None:
-    level = os.environ.get("NOTIFY_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=level if level in logging.getLevelNamesMapping() else "INFO",
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    from . import logs
+
+    logs.configure(os.environ.get("NOTIFY_LOG_LEVEL", "INFO"))
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:

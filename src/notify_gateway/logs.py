@@ -1,4 +1,4 @@
-"""Keeping credentials out of the logs.
+"""Logging: one JSON object per line, and no credentials in any of them.
 
 uvicorn's WebSocket backends log each handshake's path at INFO, query string included, and
 ``?token=`` carries a student's JWT. The filter rewrites such records before any handler
@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
+from datetime import UTC, datetime
+
+import orjson
 
 _SECRET = re.compile(r"(token=|[Bb]earer\s+)[^\s&\"']+")
 # Loggers that print request lines; records are filtered where they are created, so the
@@ -34,3 +38,28 @@ def install() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactSecrets) for f in logger.filters):
             logger.addFilter(RedactSecrets())
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"time", "level", "logger", "message"[, "exception"]}``, one line per record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(doc).decode()
+
+
+def configure(level: str) -> None:
+    """Process-wide logging for the services: JSON lines on stderr at ``level``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level.upper() if level.upper() in logging.getLevelNamesMapping() else "INFO")
+    install()

@@ -292,3 +292,17 @@ async def _interleave(url: str, redis_url: str, ops: list[tuple[str, int, int]])
             assert frame["data"]["for"] == students[s]
         ids = [f["id"] for f in frames]
         assert len(ids) == len(set(ids))
+
+
+async def test_logs_are_json_lines(live: tuple[str, Path]) -> None:
+    url, log_path = live
+    ws = await connect(url.replace("http", "ws", 1) + f"/ws?token={student_token('json-log')}")
+    await ws.recv()
+    await ws.close()
+    await asyncio.sleep(0.3)
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        record = orjson.loads(line)
+        assert {"time", "level", "logger", "message"} <= set(record), line
+    assert any("WebSocket /ws?token=[redacted]" in orjson.loads(x)["message"] for x in lines)
