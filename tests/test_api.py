@@ -280,3 +280,48 @@ async def test_data_nested_too_deeply_is_a_422(http: httpx.AsyncClient, student:
     )
     assert response.status_code == 422
     assert response.json()["error"]["field"] == "data"
+
+
+async def test_watch_token_opens_the_students_stream_and_is_audited(
+    gateway: GatewayServer, http: httpx.AsyncClient, student: str
+) -> None:
+    response = await http.post(f"/api/students/{student}/watch-token")
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["user_id"], body["expires_in"]) == (student, 600)
+    ws, welcome = await open_client(f"{gateway.ws_url()}?token={body['token']}")
+    assert welcome["user"] == student
+    [entry] = (await http.get("/api/audit?limit=1")).json()["entries"]
+    assert (entry["caller"], entry["action"], entry["student_id"]) == (
+        "tests",
+        "watch-token",
+        student,
+    )
+    assert body["token"] not in str(entry)
+    await ws.close()
+
+
+async def test_watch_token_refused_where_the_gateway_cannot_sign(
+    redis_url: str, student: str
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    async with (
+        start_gateway(redis_url, NOTIFY_JWT_SECRET="", NOTIFY_JWT_PUBLIC_KEY=pem) as gateway,
+        httpx.AsyncClient(base_url=gateway.url, headers=AUTH) as http,
+    ):
+        response = await http.post(f"/api/students/{student}/watch-token")
+        assert response.status_code == 409
+        error = response.json()["error"]
+        assert error["code"] == "cannot_sign"
+        assert "NOTIFY_JWT_SECRET" in error["message"]
+        [entry] = (await http.get("/api/audit?limit=1")).json()["entries"]
+        assert entry["student_id"] == student
+        assert entry["result"]["error"]["code"] == "cannot_sign"

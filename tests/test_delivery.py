@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -445,3 +446,53 @@ async def test_since_0_resumes_a_client_that_had_seen_nothing(
     assert welcome["recovered"] is True
     assert numbers(await events(ws, 3)) == [0, 1, 2]
     await ws.close()
+
+
+def server_frames(stream: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each whole server frame (unmasked) after the HTTP response."""
+    data = stream[stream.index(b"\r\n\r\n") + 4 :]
+    frames, i = [], 0
+    while i + 2 <= len(data):
+        length, start = data[i + 1] & 0x7F, i + 2
+        if length >= 126:
+            size = 2 if length == 126 else 8
+            length, start = int.from_bytes(data[start : start + size], "big"), start + size
+        if start + length > len(data):
+            break
+        frames.append((data[i] & 0x0F, data[start : start + length]))
+        i = start + length
+    return frames
+
+
+async def test_nothing_follows_the_close_frame_of_a_client_that_stopped_reading(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    """A client that stops reading fills the socket's queue; a shutdown (1012) then drops
+    the queue, and events published after it are not written behind the close frame."""
+    pub = publisher(redis, size=500)
+    loop = asyncio.get_running_loop()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    await loop.sock_connect(client, (host, int(port)))
+    await loop.sock_sendall(
+        client,
+        f"GET /ws?token={token(student)} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode(),
+    )
+    await asyncio.sleep(0.3)
+    for n in range(40):  # ~800 KB: past the kernel buffers, under the 1 MiB send queue
+        await pub.publish(Notification(student, "E", {"n": n, "pad": "x" * 20_000}))
+    await asyncio.sleep(0.3)
+    [sock] = gateway.gateway.sockets
+    sock.shutdown()
+    await publish_numbered(pub, student, range(40, 45))
+    stream = b""
+    while chunk := await asyncio.wait_for(loop.sock_recv(client, 1 << 20), 10):
+        stream += chunk
+    client.close()
+    opcodes = [opcode for opcode, _ in server_frames(stream)]
+    assert opcodes[-1] == 0x8, opcodes[-5:]  # the close frame is the last one
+    assert server_frames(stream)[-1][1][:2] == (1012).to_bytes(2, "big")

@@ -24,6 +24,13 @@ def _configure_logging() -> None:
     logs.configure(os.environ.get("NOTIFY_LOG_LEVEL", "INFO"))
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _run(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
@@ -33,15 +40,18 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
-def cmd_gateway(_args: argparse.Namespace) -> int:
+def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .gateway import supervisor
     from .gateway.app import create_app
-    from .gateway.server import uvicorn_config
+    from .gateway.server import listen, uvicorn_config
 
     settings = config.load_gateway(os.environ)
     _configure_logging()
-    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
+    if args.processes > 1:
+        return supervisor.run(args.processes)
+    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run(sockets=[listen(settings)])
     return 0
 
 
@@ -162,9 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("dev", help="run Redis, Kafka, bridge and gateway locally").set_defaults(
         func=cmd_dev
     )
-    sub.add_parser("gateway", help="serve WebSockets and the HTTP API on $PORT").set_defaults(
-        func=cmd_gateway
+    gateway = sub.add_parser("gateway", help="serve WebSockets and the HTTP API on $PORT")
+    gateway.add_argument(
+        "--processes",
+        type=_positive,
+        default=1,
+        help="run N gateway processes sharing $PORT (SO_REUSEPORT), restarting any that dies",
     )
+    gateway.set_defaults(func=cmd_gateway)
     sub.add_parser("bridge", help="consume Kafka domain events").set_defaults(func=cmd_bridge)
     token = sub.add_parser("token", help="mint a student JWT with NOTIFY_JWT_SECRET")
     token.add_argument("user_id")

@@ -109,6 +109,8 @@ def _banner(env: dict[str, str], base: str) -> None:
 notify-gateway is running (Ctrl-C stops everything).
 
   gateway        {base}   (WebSocket: {ws}/ws)
+  console        {base}/console   (sign in with the api key below)
+  js client      {base}/client/notify-client.js
   bridge probes  http://{env["NOTIFY_HOST"]}:{env["BRIDGE_PORT"]}/metrics
   redis          {env["REDIS_URL"]}
   kafka          {env["KAFKA_BOOTSTRAP_SERVERS"]}

@@ -1,8 +1,8 @@
 """Logging: one JSON object per line, and no credentials in any of them.
 
-uvicorn's WebSocket backends log each handshake's path at INFO, query string included, and
-``?token=`` carries a student's JWT. The filter rewrites such records before any handler
-sees them.
+The gateway logs each WebSocket handshake's path at INFO (and websockets, at DEBUG, its
+headers), query string included, and ``?token=`` carries a student's JWT. The filter
+rewrites such records before any handler sees them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import orjson
 _SECRET = re.compile(r"(token=|[Bb]earer\s+)[^\s&\"']+")
 # Loggers that print request lines; records are filtered where they are created, so the
 # filter sits on these loggers rather than on whichever handlers happen to exist.
-_REQUEST_LOGGERS = ("uvicorn.error", "uvicorn.access")
+_REQUEST_LOGGERS = ("uvicorn.error", "uvicorn.access", "notify_gateway.gateway.socket")
 
 
 def redact(text: str) -> str:

@@ -28,8 +28,8 @@ from .. import history, keys
 from ..broker import Notification, Publisher, parse_result
 from ..config import GatewaySettings
 from . import audit, openapi, presence, schema
-from .auth import bearer
-from .schema import ApiError
+from .auth import bearer, mint
+from .schema import WATCH_TOKEN_TTL, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class Api:
         self._keys = [(name, key.encode()) for name, key in settings.api_keys.items()]
         self._rate_limit = settings.api_rate_limit
         self._cache_keys = settings.cache_keys
+        self._jwt = settings.jwt
         self._redis = redis
         self._publisher = publisher
 
@@ -57,6 +58,11 @@ class Api:
             Route("/api/history/{user_id}", self._guard(self.history), methods=["GET"]),
             Route("/api/presence/{user_id}", self._guard(self.presence), methods=["GET"]),
             Route("/api/audit", self._guard(self.audit), methods=["GET"]),
+            Route(
+                "/api/students/{user_id}/watch-token",
+                self._guard(self.watch_token),
+                methods=["POST"],
+            ),
             Route("/api/openapi.json", self.openapi, methods=["GET"]),
         ]
 
@@ -195,6 +201,28 @@ class Api:
     async def audit(self, request: Request, _caller: str) -> Response:
         limit = schema.limit(request.query_params.get("limit"), 50, 1000)
         return JSONResponse({"entries": await audit.recent(self._redis, limit)})
+
+    async def watch_token(self, request: Request, caller: str) -> Response:
+        """A student token for an operator: audited before it is handed out, refused too."""
+        entry: dict[str, Any] = {"caller": caller, "action": "watch-token"}
+        try:
+            user = self._user(request)
+            entry["student_id"] = user
+            if not self._jwt.can_mint:
+                raise ApiError(
+                    409,
+                    "cannot_sign",
+                    "this gateway verifies student tokens with NOTIFY_JWT_PUBLIC_KEY and holds "
+                    "no key to sign one; watch tokens need NOTIFY_JWT_SECRET",
+                )
+        except ApiError as exc:
+            await audit.append(self._redis, {**entry, "result": exc.body()})
+            raise
+        # Audited first: if the entry cannot be written (503), no token leaves the gateway.
+        await audit.append(self._redis, {**entry, "result": {"expires_in": WATCH_TOKEN_TTL}})
+        token = mint(self._jwt, user, WATCH_TOKEN_TTL)
+        log.info("%s was given a watch token for %s", caller, user)
+        return JSONResponse({"user_id": user, "token": token, "expires_in": WATCH_TOKEN_TTL})
 
     @staticmethod
     async def openapi(_request: Request) -> Response:

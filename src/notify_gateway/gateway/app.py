@@ -1,4 +1,9 @@
-"""The gateway's ASGI application: ``/ws`` for students, probes for the platform."""
+"""One gateway process: what its connections share, and its HTTP application.
+
+``/ws`` is served by :mod:`.socket` straight from uvicorn's upgrade (see there why); this
+module decides who may connect (:meth:`Gateway.admit`) and what a connection starts with
+(:meth:`Gateway.open`). The Starlette application serves the probes, metrics and the API.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +13,30 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse
+from starlette.responses import Response as HttpResponse
+from starlette.routing import Route
+from websockets.http11 import Request, Response
 
-from .. import protocol, redis_client
+from .. import redis_client
 from ..broker import Publisher
 from ..config import GatewaySettings
-from ..protocol import CloseCode, ProtocolViolation
-from . import api
+from ..protocol import CloseCode
+from . import api, assets
 from .auth import AuthError, TokenVerifier, bearer
 from .connection import Connection
 from .hub import Hub, JoinRefused
 from .metrics import GatewayMetrics
 from .presence import PresenceWriter
 from .reader import Reader
+from .socket import Socket, refusal
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,8 @@ class Gateway:
         )
         self.verifier = TokenVerifier(settings.jwt)
         self.history_reads = asyncio.Semaphore(HISTORY_READ_CONCURRENCY)
+        # Open sockets, for the keepalive sweep.
+        self.sockets: set[Socket] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -62,36 +73,45 @@ class Gateway:
             asyncio.create_task(self.reader.run()),
             asyncio.create_task(self.reader.probe(self.redis)),
             asyncio.create_task(self.presence.run()),
+            asyncio.create_task(self.keepalive()),
         ]
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            # A task that failed has logged why; shutdown goes on regardless.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.presence.withdraw()
-        await self.reader.close()
+        self.reader.close()
         await self.redis.aclose()
 
-    async def serve(self, websocket: WebSocket) -> None:
+    def admit(self, request: Request) -> Response | Admission:
+        """Check an upgrade request; a refusal is an HTTP response sent before the upgrade."""
+        path, _, query = request.path.partition("?")
+        if path != "/ws":
+            return refusal(404, "not_found", "the WebSocket endpoint is /ws")
         if self.hub.connection_count >= self.settings.max_connections:
-            await self._deny(websocket, 503, "overloaded", CloseCode.TRY_AGAIN_LATER)
-            return
-        token = bearer(websocket.headers.get("authorization")) or websocket.query_params.get(
-            "token"
-        )
+            return refusal(503, "unavailable", "overloaded")
+        params = parse_qs(query)
+        authorization = request.headers.get_all("Authorization")
+        if len(authorization) > 1:
+            return refusal(401, "unauthorized", "several Authorization headers")
+        token = bearer(authorization[0] if authorization else None) or _first(params, "token")
         try:
             if token is None:
                 raise AuthError("missing token")
             claims = self.verifier.verify(token)
         except AuthError as exc:
-            await self._deny(websocket, 401, str(exc), CloseCode.UNAUTHORIZED)
-            return
-        await websocket.accept()
+            return refusal(401, "unauthorized", str(exc))
+        return Admission(claims.user_id, claims.expires_at, _first(params, "since"))
+
+    async def open(self, socket: Socket, admission: Admission) -> Connection | None:
+        """Join the hub and queue welcome and catch-up; the socket is open from here on."""
         conn = Connection(
-            websocket,
-            claims.user_id,
+            socket,
+            admission.user,
             self.redis,
             self.settings.send_queue_bytes,
             self.history_reads,
@@ -100,63 +120,62 @@ class Gateway:
         try:
             await self.hub.join(conn)
         except JoinRefused as exc:
-            await websocket.close(exc.code, exc.reason)
-            return
-        writer = asyncio.create_task(conn.write_loop())
-        expiry = asyncio.get_running_loop().call_later(
-            max(0.0, claims.expires_at - time.time()), conn.close, CloseCode.TOKEN_EXPIRED
+            socket.close(exc.code, exc.reason)
+            return None
+        conn.expiry = asyncio.get_running_loop().call_later(
+            max(0.0, admission.expires_at - time.time()), conn.close, CloseCode.TOKEN_EXPIRED
         )
         try:
-            await conn.start(websocket.query_params.get("since"))
-            await self._receive(websocket, conn, writer)
+            await conn.start(admission.since)
         except RedisError as exc:
             log.warning("history unavailable, closing a connection: %s", exc)
             conn.close(CloseCode.TRY_AGAIN_LATER)
-            await writer
-        finally:
-            expiry.cancel()
-            self.hub.leave(conn)
-            conn.stop()
-            writer.cancel()
-            # A writer that failed on a dead socket has nothing more to say.
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await writer
+        except BaseException:
+            self.leave(conn, socket)  # the client left during the start
+            raise
+        # Kept alive from here: until now the socket's reading was paused, and a ping whose
+        # pong cannot be read would drop it.
+        self.sockets.add(socket)
+        return conn
 
-    @staticmethod
-    async def _deny(websocket: WebSocket, status: int, reason: str, fallback: CloseCode) -> None:
-        """An HTTP error before the upgrade; a close code where the server cannot send one."""
-        if "websocket.http.response" in websocket.scope.get("extensions", {}):
-            code = "unauthorized" if status == 401 else "unavailable"
-            await websocket.send_denial_response(
-                JSONResponse({"error": {"code": code, "message": reason, "field": None}}, status)
-            )
-        else:
-            await websocket.accept()
-            await websocket.close(fallback, reason)
+    def leave(self, conn: Connection, socket: Socket) -> None:
+        self.sockets.discard(socket)
+        self.hub.leave(conn)
+        conn.stop()
 
-    async def _receive(
-        self, websocket: WebSocket, conn: Connection, writer: asyncio.Task[None]
-    ) -> None:
-        """Answer client frames until the client leaves or the writer closes the socket."""
-        while not writer.done():
-            receive = asyncio.ensure_future(websocket.receive())
-            done, _ = await asyncio.wait({receive, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if receive not in done:
-                receive.cancel()
-                return
-            message = receive.result()
-            if message["type"] == "websocket.disconnect":
-                return
+    async def keepalive(self) -> None:
+        """Ping every socket each interval; drop those silent for ping_timeout after a ping.
+
+        One sweep for the whole process instead of two timers per connection; a dead
+        client is dropped between ping_timeout and ping_interval + ping_timeout after its
+        last ping.
+        """
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.ping_timeout
+        while True:
+            await asyncio.sleep(self.settings.ping_interval)
+            now = loop.time()
             try:
-                frame = protocol.parse_client_frame(
-                    message.get("text") or message.get("bytes") or b""
-                )
-            except ProtocolViolation as exc:
-                conn.close(exc.code)
-                await writer
-                return
-            if isinstance(frame, protocol.Ping):
-                conn.send(protocol.PONG)
+                for socket in list(self.sockets):
+                    if not socket.ping_sent_at:
+                        socket.ping(now)
+                    elif now - socket.ping_sent_at >= timeout:
+                        socket.abort()
+            except Exception:
+                # One bad socket must not end dead-client detection for the process.
+                log.exception("keepalive sweep failed")
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    user: str
+    expires_at: float
+    since: str | None
+
+
+def _first(params: dict[str, list[str]], name: str) -> str | None:
+    values = params.get(name)
+    return values[0] if values else None
 
 
 def create_app(settings: GatewaySettings) -> Starlette:
@@ -172,24 +191,24 @@ def create_app(settings: GatewaySettings) -> Starlette:
         finally:
             await gateway.stop()
 
-    async def healthz(_request: Request) -> Response:
+    async def healthz(_request: HttpRequest) -> HttpResponse:
         return JSONResponse({"status": "ok"})
 
-    async def metrics(_request: Request) -> Response:
+    async def metrics(_request: HttpRequest) -> HttpResponse:
         registry = gateway.metrics.registry
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return HttpResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def readyz(_request: Request) -> Response:
+    async def readyz(_request: HttpRequest) -> HttpResponse:
         ready = gateway.reader.delivering
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     app = Starlette(
         routes=[
-            WebSocketRoute("/ws", gateway.serve),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
             *api.Api(settings, gateway.redis, Publisher(gateway.redis, settings.history)).routes(),
+            *assets.routes(),
         ],
         lifespan=lifespan,
     )

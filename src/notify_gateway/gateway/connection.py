@@ -1,9 +1,10 @@
 """One student's WebSocket: its position in the student's history and its send queue.
 
-The Pub/Sub reader hands frames to :meth:`Connection.deliver`, which never awaits: it only
-appends to a bounded queue that this connection's own writer task drains. A client that
-cannot keep up overflows its queue and is closed (it resumes from history later), so one
-slow phone never delays anyone else.
+The Pub/Sub reader hands frames to :meth:`Connection.deliver`, which never awaits: it writes
+the frame to the socket, or queues it there while the client is not reading. A client that
+cannot keep up overflows its byte budget and is closed (it resumes from history later), so
+one slow phone never delays anyone else. This module decides what to send and in which
+order; :mod:`.socket` does the I/O.
 
 Frames replayed from history are queued without counting against that limit: they are
 bounded by the history size already, and a client resuming a long backlog is catching up,
@@ -18,29 +19,27 @@ before anything newer goes out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections import deque
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from starlette.websockets import WebSocket
 
 from .. import history, protocol
 from ..protocol import CloseCode, EventId
 from .metrics import GatewayMetrics
+from .socket import text_frame
+
+if TYPE_CHECKING:
+    from .socket import Socket
 
 log = logging.getLogger(__name__)
-
-# How long a close frame may wait for a socket the client is not reading; after that the
-# handler ends and the server drops the connection without it.
-CLOSE_TIMEOUT = 10.0
 
 
 class Connection:
     def __init__(
         self,
-        websocket: WebSocket,
+        socket: Socket,
         user: str,
         redis: Redis,
         max_queue_bytes: int,
@@ -49,27 +48,22 @@ class Connection:
     ):
         self.user = user
         self._metrics = metrics
-        self._ws = websocket
+        self._socket = socket
         self._redis = redis
         # Shared by every connection of the process: after a Pub/Sub outage all of them
         # catch up at once, and unbounded that would open a Redis connection each.
         self._history_reads = history_reads
         self._max_queue_bytes = max_queue_bytes
-        # (frame, bytes charged against max_queue_bytes)
-        self._queue: deque[tuple[str, int]] = deque()
-        self._queued_bytes = 0
-        self._wakeup = asyncio.Event()
         self._close_code: CloseCode | None = None
         self._last: EventId | None = None
         # Live frames held back while history is being read; None when live. Their bytes
         # count against max_queue_bytes like queued ones.
-        self._held: list[tuple[EventId | None, str, int]] | None = []
+        self._held: list[tuple[EventId | None, bytes, int]] | None = []
         self._held_bytes = 0
         self._catch_up: asyncio.Task[None] | None = None
         self._catch_up_again = False
         self._started = False
-        self._writer: asyncio.Task[None] | None = None
-        self._sending = False
+        self.expiry: asyncio.TimerHandle | None = None
 
     @property
     def closing(self) -> bool:
@@ -104,8 +98,8 @@ class Connection:
         else:
             self._go_live()
 
-    def deliver(self, event_id: EventId | None, frame: str, size: int) -> None:
-        """Queue one live frame from the Pub/Sub reader, exactly once and in order."""
+    def deliver(self, event_id: EventId | None, frame: bytes, size: int) -> None:
+        """Send one live frame (already WebSocket-framed) exactly once and in order."""
         if self._held is not None:
             self._hold(event_id, frame, size)
             return
@@ -126,8 +120,9 @@ class Connection:
             self._last = event_id
         self._enqueue(frame, size)
 
-    def send(self, frame: str) -> None:
-        """Queue a control frame (welcome, resync, pong)."""
+    def send(self, message: str) -> None:
+        """Send a control message (welcome, resync, pong)."""
+        frame = text_frame(message.encode())
         self._enqueue(frame, len(frame))
 
     def hold(self) -> None:
@@ -136,9 +131,9 @@ class Connection:
             self._held = []
             self._held_bytes = 0
 
-    def _hold(self, event_id: EventId | None, frame: str, size: int) -> None:
+    def _hold(self, event_id: EventId | None, frame: bytes, size: int) -> None:
         assert self._held is not None
-        if self._queued_bytes + self._held_bytes + size > self._max_queue_bytes:
+        if self._socket.charged + self._held_bytes + size > self._max_queue_bytes:
             self.close(CloseCode.SLOW_CONSUMER)
             return
         self._held.append((event_id, frame, size))
@@ -176,9 +171,10 @@ class Connection:
             self.send(protocol.resync(replay.resync_reason, replay.last_id))
             self._last = replay.last_id
             return
-        for _event_id, frame in replay.frames:
-            self._enqueue(frame.decode(), 0)
-        self._metrics.pushed.labels("replay").inc(len(replay.frames))
+        if replay.frames:
+            # One write for the whole replay instead of one per event.
+            self._enqueue(b"".join(text_frame(frame) for _id, frame in replay.frames), 0)
+        self._metrics.fanout.pushed["replay"] += len(replay.frames)
         # The read was one transaction: the frames end exactly at last_id.
         self._last = replay.last_id
 
@@ -208,53 +204,25 @@ class Connection:
                     self._hold(*rest)
                 return
 
-    def _enqueue(self, frame: str, charge: int) -> None:
+    def _enqueue(self, frame: bytes, charge: int) -> None:
         if self.closing:
             return
-        if self._queued_bytes + charge > self._max_queue_bytes:
+        if not self._socket.send(frame, charge, self._max_queue_bytes):
             self.close(CloseCode.SLOW_CONSUMER)
-            return
-        self._queue.append((frame, charge))
-        self._queued_bytes += charge
-        self._wakeup.set()
 
-    def close(self, code: CloseCode) -> None:
-        """Ask the writer to close the socket; queued frames are dropped (history has them)."""
+    def close(self, code: CloseCode, reason: str = "") -> None:
+        """Close the socket; frames still queued are dropped (history has them)."""
         if self.closing:
             return
         if code == CloseCode.SLOW_CONSUMER:
             self._metrics.slow_closes.inc()
         self._close_code = code
-        self._queue.clear()
-        self._queued_bytes = 0
-        self._wakeup.set()
-        if self._sending and self._writer is not None:
-            # The send is waiting for a socket the client does not read: interrupt it. The
-            # server writes a frame only once the socket is writable, so none is cut in half.
-            self._writer.cancel()
-
-    async def write_loop(self) -> None:
-        """Drain the queue into the socket; the only place that awaits a WebSocket send."""
-        self._writer = asyncio.current_task()
-        try:
-            while not self.closing:
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                while self._queue and not self.closing:
-                    frame, charge = self._queue.popleft()
-                    self._queued_bytes -= charge
-                    self._sending = True
-                    await self._ws.send_text(frame)
-                    self._sending = False
-        except asyncio.CancelledError:
-            if not self.closing or self._writer is None:
-                raise
-            self._writer.uncancel()
-        code = self._close_code
-        if code is not None:
-            with contextlib.suppress(RuntimeError, OSError, TimeoutError):
-                await asyncio.wait_for(self._ws.close(code), CLOSE_TIMEOUT)
+        self._socket.close(code, reason)
 
     def stop(self) -> None:
+        """The socket is gone: no more catch-ups or expiry for it."""
+        self._close_code = self._close_code or CloseCode.NORMAL
+        if self.expiry is not None:
+            self.expiry.cancel()
         if self._catch_up is not None:
             self._catch_up.cancel()

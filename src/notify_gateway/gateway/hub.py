@@ -2,8 +2,9 @@
 
 The hub owns the mapping student -> open connections. It asks the Pub/Sub reader to
 subscribe a student's channel when the first device connects and to unsubscribe when the
-last one leaves. Fan-out is synchronous: each frame is decoded once for the process and
-handed to every connection's queue, so the reader never waits on a socket.
+last one leaves. Fan-out is synchronous: each event's WebSocket frame is built once for the
+process and the same bytes are written to every connection of the student (or queued on
+the ones not reading), so the reader never waits on a socket.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..protocol import CloseCode, event_id_of
 from .connection import Connection
 from .metrics import GatewayMetrics
 from .reader import Reader
+from .socket import WriteBatch, text_frame
 
 SUBSCRIBE_TIMEOUT = 5.0
 
@@ -42,11 +44,15 @@ class Hub:
         # Told which student's connection count changed (presence).
         self._on_change = on_change
         self._users: dict[str, set[Connection]] = {}
-        reader.attach(self.dispatch, self.pause, self.resume)
+        self._count = 0
+        self._fanout = metrics.fanout
+        # Frames for one socket from one read of the Pub/Sub connection go out in one write.
+        self.batch = WriteBatch()
+        reader.attach(self.dispatch, self.pause, self.resume, self.batch.end)
 
     @property
     def connection_count(self) -> int:
-        return sum(len(conns) for conns in self._users.values())
+        return self._count
 
     def connections(self, user: str) -> int:
         return len(self._users.get(user, ()))
@@ -57,11 +63,11 @@ class Hub:
         if len(conns) >= self._max_per_user:
             raise JoinRefused(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
         conns.add(conn)
+        self._count += 1
         self._on_change(conn.user)
         try:
-            await asyncio.wait_for(
-                self._reader.subscribe(keys.channel(conn.user)), SUBSCRIBE_TIMEOUT
-            )
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                await self._reader.subscribe(keys.channel(conn.user))
         except TimeoutError:
             self.leave(conn)
             raise JoinRefused(CloseCode.TRY_AGAIN_LATER, "subscription unavailable") from None
@@ -71,9 +77,10 @@ class Hub:
 
     def leave(self, conn: Connection) -> None:
         conns = self._users.get(conn.user)
-        if conns is None:
+        if conns is None or conn not in conns:
             return
         conns.discard(conn)
+        self._count -= 1
         self._on_change(conn.user)
         if not conns:
             del self._users[conn.user]
@@ -84,18 +91,24 @@ class Hub:
         conns = self._users.get(user) if user is not None else None
         if not conns:
             return
+        self.batch.begin()
         event_id = event_id_of(frame)
-        # Frames come from the publish script as UTF-8; anything else published on the
-        # channel by hand must not take the reader down.
-        text = frame.decode(errors="replace")
-        size = len(frame)
+        try:
+            frame.decode()
+        except UnicodeDecodeError:
+            # The publish script writes UTF-8; a text frame of anything else published on
+            # the channel by hand would make clients fail the connection (1007).
+            frame = frame.decode(errors="replace").encode()
+        wire = text_frame(frame)
+        size = len(wire)
         for conn in conns:
-            conn.deliver(event_id, text, size)
-        self._metrics.pushed.labels("live").inc(len(conns))
-        self._metrics.bytes.inc(size * len(conns))
+            conn.deliver(event_id, wire, size)
+        fanout = self._fanout
+        fanout.pushed["live"] += len(conns)
+        fanout.bytes += size * len(conns)
         published_ms = _ts(frame)
         if published_ms is not None:
-            self._metrics.publish_to_fanout.observe(max(0.0, time.time() - published_ms / 1000))
+            fanout.observe_latency(max(0.0, time.time() - published_ms / 1000))
 
     def pause(self) -> None:
         """The Pub/Sub connection dropped: frames published from now on were never seen."""

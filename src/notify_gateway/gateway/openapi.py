@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .schema import MAX_BATCH, MAX_KEY_LENGTH, MAX_REASON_LENGTH
+from .schema import MAX_BATCH, MAX_KEY_LENGTH, MAX_REASON_LENGTH, WATCH_TOKEN_TTL
 
 _USER_ID = {"type": "string", "pattern": r"^[A-Za-z0-9_.:@|+-]{1,128}$"}
 _EVENT = {"type": "string", "pattern": r"^[A-Z][A-Z0-9_]{0,63}$"}
@@ -201,9 +201,34 @@ DOCUMENT: dict[str, Any] = {
                 },
             }
         },
+        "/api/students/{user_id}/watch-token": {
+            "post": {
+                "summary": "A short-lived token to watch a student's live events (audited)",
+                "description": (
+                    "Signed with NOTIFY_JWT_SECRET; a gateway configured with "
+                    "NOTIFY_JWT_PUBLIC_KEY cannot sign and answers 409 cannot_sign."
+                ),
+                "parameters": [_USER_PARAM],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["user_id", "token", "expires_in"],
+                            "properties": {
+                                "user_id": {"type": "string"},
+                                "token": {"type": "string"},
+                                "expires_in": {"type": "integer", "const": WATCH_TOKEN_TTL},
+                            },
+                        }
+                    ),
+                    "409": _ERROR,
+                    **_ERRORS,
+                },
+            }
+        },
         "/api/audit": {
             "get": {
-                "summary": "The trigger-update audit log, newest first",
+                "summary": "Operator actions (trigger-update, watch-token), newest first",
                 "parameters": [_limit(1000)],
                 "responses": {
                     "200": _json(

@@ -50,8 +50,11 @@ class PresenceWriter:
         loop = asyncio.get_running_loop()
         next_beat = 0.0
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that lands as the event is set, and this loop would outlive shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._refresh)
+                async with asyncio.timeout(self._refresh):
+                    await self._wakeup.wait()
             self._wakeup.clear()
             try:
                 if loop.time() >= next_beat:

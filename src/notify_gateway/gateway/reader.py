@@ -1,9 +1,12 @@
 """The process's one Redis Pub/Sub connection, and the probe that proves it delivers.
 
-Written on a bare redis-py connection rather than its PubSub helper so that reconnection is
-explicit: a dropped connection means frames were published that this process never saw,
-and the hub must hold every student's live stream and refill it from history once the
-subscriptions are confirmed again. A helper that silently reconnects would hide that gap.
+Written as an asyncio protocol with hiredis parsing rather than on redis-py's PubSub helper,
+for two reasons. Reconnection is explicit: a dropped connection means frames were published
+that this process never saw, and the hub must hold every student's live stream and refill
+it from history once the subscriptions are confirmed again; a helper that silently
+reconnects would hide that gap. And every message in a chunk read from the socket is
+dispatched in one synchronous pass, without an await per message, which under load was the
+largest cost of the process after the socket writes themselves.
 
 A connection can also look healthy while delivering nothing (a half-open TCP connection, a
 subscription lost on the server side). So the process publishes to a probe channel of its
@@ -17,13 +20,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable
+from typing import Any, cast
 
+import hiredis
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import (
+    RedisSSLContext,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +45,66 @@ PROBE_INTERVAL = 1.0
 PROBE_DEADLINE = 3.0
 
 
+def _tls(address: dict[str, Any]) -> ssl.SSLContext:
+    """The TLS context redis-py would build from the URL's ssl_* options."""
+    options = {k.removeprefix("ssl_"): v for k, v in address.items() if k.startswith("ssl_")}
+    options.setdefault("cert_reqs", "required")
+    options.setdefault("check_hostname", True)
+    return RedisSSLContext(**options).get()
+
+
+class ConnectionLost(Exception):
+    pass
+
+
+class _Wire(asyncio.Protocol):
+    """The Pub/Sub socket: parses replies as they arrive and hands each to ``on_reply``."""
+
+    def __init__(self, on_reply: Callable[[Any], None], on_chunk_end: Callable[[], None]) -> None:
+        self._parser = hiredis.Reader()
+        self._on_reply = on_reply
+        self._on_chunk_end = on_chunk_end
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # The run loop reads it while connected; after a drop nobody will, and asyncio would
+        # log the exception as never retrieved.
+        self.lost.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._parser.feed(data)
+        try:
+            while (reply := self._parser.gets()) is not False:
+                if isinstance(reply, hiredis.ReplyError):
+                    raise ConnectionLost(f"redis refused: {reply}")
+                self._on_reply(reply)
+        except Exception as exc:  # a broken stream, or a bug: reconnect and catch up
+            if not self.lost.done():
+                self.lost.set_exception(exc)
+            assert self.transport is not None
+            self.transport.abort()
+        finally:
+            self._on_chunk_end()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_exception(ConnectionLost(str(exc or "closed by redis")))
+
+    def send(self, *args: str) -> None:
+        # A dropped connection is replaced (and ``_wanted`` resubscribed) by the run loop a
+        # few iterations later; until then a write would raise on uvloop.
+        if self.lost.done() or self.transport is None or self.transport.is_closing():
+            return
+        # hiredis's stub declares a one-element tuple; any number of arguments is fine.
+        self.transport.write(hiredis.pack_command(args))  # type: ignore[arg-type]
+
+
 class Reader:
     def __init__(self, redis_url: str, probe_channel: str) -> None:
-        # RESP2: Pub/Sub replies are plain arrays that read_response returns; under RESP3
-        # (redis-py 8's default) they are push messages its parser keeps to itself.
-        self._pool = ConnectionPool.from_url(
-            redis_url, protocol=2, socket_connect_timeout=PROBE_DEADLINE
-        )
-        self._conn: AbstractConnection | None = None
+        self._address = parse_url(redis_url)
+        self._wire: _Wire | None = None
         self._probe_channel = probe_channel
         self._probe_bytes = probe_channel.encode()
         self._probe_seen = 0.0
@@ -59,7 +121,9 @@ class Reader:
         self._on_message: Callable[[bytes, bytes], None] = lambda _c, _f: None
         self._on_lost: Callable[[], None] = lambda: None
         self._on_restored: Callable[[], None] = lambda: None
+        self._on_chunk_end: Callable[[], None] = lambda: None
         self.connected = asyncio.Event()
+        self._down_logged = False
 
     @property
     def delivering(self) -> bool:
@@ -71,8 +135,11 @@ class Reader:
         on_message: Callable[[bytes, bytes], None],
         on_lost: Callable[[], None],
         on_restored: Callable[[], None],
+        on_chunk_end: Callable[[], None],
     ) -> None:
+        """``on_chunk_end`` follows the messages of each read from the socket."""
         self._on_message, self._on_lost, self._on_restored = on_message, on_lost, on_restored
+        self._on_chunk_end = on_chunk_end
 
     async def subscribe(self, channel: str) -> None:
         """Subscribe ``channel`` (if not already) and wait until Redis confirmed it."""
@@ -99,8 +166,10 @@ class Reader:
         self._queue("UNSUBSCRIBE", channel)
 
     def _queue(self, command: str, channel: str) -> None:
-        self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
-        self._commands.put_nowait((command, channel))
+        # While disconnected nothing is sent: the reconnect subscribes ``_wanted`` anyway.
+        if self._wire is not None:
+            self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
+            self._wire.send(command, channel)
 
     async def run(self) -> None:
         """Read forever, reconnecting with capped backoff; cancel to stop."""
@@ -108,43 +177,38 @@ class Reader:
         first = True
         while True:
             try:
-                conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
-                await conn.connect()
-                self._conn = conn
-                # What was queued while disconnected is covered by restoring ``_wanted``.
-                while not self._commands.empty():
-                    self._commands.get_nowait()
+                wire = await self._connect()
+                self._wire = wire
                 self._outstanding.clear()
-                await self._restore(conn)
+                await self._restore(wire)
                 self._probe_seen = time.monotonic()
                 self.connected.set()
+                self._down_logged = False
                 if not first:
                     log.info("pubsub reconnected; catching connections up from history")
                     self._on_restored()
                 first = False
                 backoff = _BACKOFF_MIN
-                sender = asyncio.create_task(self._send_loop(conn))
-                try:
-                    await self._read(conn)
-                finally:
-                    sender.cancel()
-            except (RedisError, OSError) as exc:
-                self._lost(f"pubsub connection lost: {exc}")
+                await self._watch(wire)
+            except (ConnectionLost, RedisError, OSError, TimeoutError) as exc:
+                self._lost(f"pubsub connection lost: {exc or type(exc).__name__}")
             except Exception:
                 # Anything unexpected must not end the reader: connections would stay open
                 # and silent. Treat it as a lost connection, which catches everyone up.
                 log.exception("pubsub reader failed; reconnecting")
                 self._lost("pubsub reader failed")
             finally:
-                await self._drop()
+                self._drop()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
     def _lost(self, why: str) -> None:
         if self.connected.is_set():
-            log.warning("%s", why)
             self.connected.clear()
             self._on_lost()
+        if not self._down_logged:  # once per outage, not once per attempt
+            log.warning("%s; retrying until it answers", why)
+            self._down_logged = True
 
     async def probe(self, redis: Redis) -> None:
         """Publish to the probe channel forever; cancel to stop."""
@@ -153,45 +217,64 @@ class Reader:
                 await redis.publish(self._probe_channel, b"")
             await asyncio.sleep(PROBE_INTERVAL)
 
-    async def _restore(self, conn: AbstractConnection) -> None:
+    async def _connect(self) -> _Wire:
+        loop = asyncio.get_running_loop()
+        address: dict[str, Any] = dict(self._address)
+        kind = address.get("connection_class")
+
+        def factory() -> _Wire:
+            return _Wire(self._handle, self._on_chunk_end)
+
+        if kind is UnixDomainSocketConnection:
+            connecting = loop.create_unix_connection(factory, address["path"])
+        else:
+            tls = _tls(address) if kind is SSLConnection else None
+            connecting = loop.create_connection(
+                factory, address.get("host", "localhost"), address.get("port", 6379), ssl=tls
+            )
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # lands as its awaitable completes, and the reader would outlive shutdown.
+        async with asyncio.timeout(PROBE_DEADLINE):
+            _, wire = await connecting
+        if address.get("password"):
+            credentials = [address["username"]] if address.get("username") else []
+            # A refused AUTH arrives as an error reply, which drops the connection.
+            wire.send("AUTH", *credentials, address["password"])
+        return wire
+
+    async def _restore(self, wire: _Wire) -> None:
         channels = [self._probe_channel, *sorted(self._wanted)]
         self._confirmed.clear()
         for channel in channels:
             self._outstanding[channel] = 1
         for start in range(0, len(channels), _RESUBSCRIBE_CHUNK):
-            await conn.send_command(
-                "SUBSCRIBE", *channels[start : start + _RESUBSCRIBE_CHUNK], check_health=False
-            )
-        pending = set(channels)
-        while pending:
-            reply = await conn.read_response(disable_decoding=True, timeout=PROBE_DEADLINE)
-            if reply is None:
-                raise RedisTimeoutError("pubsub subscriptions not confirmed")
-            self._handle(reply)
-            if reply[0] == b"subscribe":
-                pending.discard(reply[1].decode())
+            wire.send("SUBSCRIBE", *channels[start : start + _RESUBSCRIBE_CHUNK])
+        # Redis confirms in order, and a confirmed channel leaves _outstanding. Tens of
+        # thousands of channels take a while: the deadline is for progress, not the total.
+        deadline = time.monotonic() + PROBE_DEADLINE
+        left = len(self._outstanding)
+        while channels[-1] in self._outstanding:
+            if wire.lost.done():
+                wire.lost.result()
+            if len(self._outstanding) < left:
+                left, deadline = len(self._outstanding), time.monotonic() + PROBE_DEADLINE
+            elif time.monotonic() > deadline:
+                raise TimeoutError("pubsub subscriptions not confirmed")
+            await asyncio.sleep(0.01)
 
-    async def _send_loop(self, conn: AbstractConnection) -> None:
+    async def _watch(self, wire: _Wire) -> None:
+        """Until the connection drops, or the probe stops coming back."""
         while True:
-            command, channel = await self._commands.get()
-            try:
-                await conn.send_command(command, channel, check_health=False)
-            except (RedisError, OSError) as exc:
-                # The read side sees the same failure and reconnects; nothing to add here.
-                log.debug("pubsub %s failed: %s", command, exc)
-                return
-
-    async def _read(self, conn: AbstractConnection) -> None:
-        while True:
-            # With an explicit timeout redis-py returns None instead of raising.
-            reply = await conn.read_response(disable_decoding=True, timeout=PROBE_INTERVAL)
-            if reply is not None:
-                self._handle(reply)
+            await asyncio.wait({wire.lost}, timeout=PROBE_INTERVAL)
+            if wire.lost.done():
+                wire.lost.result()
             if time.monotonic() - self._probe_seen > PROBE_DEADLINE:
-                raise RedisTimeoutError("the pubsub probe did not come back")
+                raise TimeoutError("the pubsub probe did not come back")
 
-    def _handle(self, reply: list[bytes]) -> None:
+    def _handle(self, reply: Any) -> None:
         """Route one Pub/Sub reply: a message to the hub, a confirmation to its waiters."""
+        if not isinstance(reply, list):
+            return  # +OK to AUTH
         kind = reply[0]
         if kind == b"message":
             if reply[1] == self._probe_bytes:
@@ -216,13 +299,11 @@ class Reader:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
+    def _drop(self) -> None:
+        wire, self._wire = self._wire, None
         self._confirmed.clear()
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
+        if wire is not None and wire.transport is not None:
+            wire.transport.abort()
 
-    async def close(self) -> None:
-        await self._drop()
-        await self._pool.disconnect()
+    def close(self) -> None:
+        self._drop()

@@ -22,6 +22,9 @@ MAX_BATCH = 1000
 MAX_KEY_LENGTH = 200
 MAX_REASON_LENGTH = 500
 DEFAULT_STORES = ("home", "learning")
+# A watch token lets an operator's console read a student's live events. Short-lived, so
+# a copied one is of little use; the console asks for another when it expires (4001).
+WATCH_TOKEN_TTL = 600
 EVENT_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 STORE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _ID = re.compile(r"^[A-Za-z0-9_.:@|+-]{1,128}$")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+
 import uvicorn
 from starlette.applications import Starlette
 
 from .. import logs
 from ..config import GatewaySettings
-from ..protocol import MAX_CLIENT_FRAME_BYTES
+from .socket import bind
 
 
 def uvicorn_config(app: Starlette, settings: GatewaySettings) -> uvicorn.Config:
@@ -16,15 +18,10 @@ def uvicorn_config(app: Starlette, settings: GatewaySettings) -> uvicorn.Config:
         app,
         host=settings.host,
         port=settings.port,
-        # websockets-sansio (uvicorn >= 0.52.1) applies send backpressure per socket.
-        ws="websockets-sansio",
-        # uvicorn closes with 1009 past this, before the frame reaches the application.
-        ws_max_size=MAX_CLIENT_FRAME_BYTES,
-        # Notifications are small and encoded once per process; deflate would cost CPU and
-        # memory per connection for little gain.
-        ws_per_message_deflate=False,
-        ws_ping_interval=settings.ping_interval,
-        ws_ping_timeout=settings.ping_timeout,
+        # Upgraded connections go to the gateway's own protocol (frame size limit, keepalive
+        # and no compression are set there): notifications are small and encoded once per
+        # process, and deflate would cost CPU and memory per connection for little gain.
+        ws=bind(app.state.gateway),
         # The access log would print every query string, and ?token= carries a credential;
         # what uvicorn still logs goes through logs.RedactSecrets.
         access_log=False,
@@ -33,3 +30,20 @@ def uvicorn_config(app: Starlette, settings: GatewaySettings) -> uvicorn.Config:
         timeout_graceful_shutdown=10,
         log_config=None,
     )
+
+
+def listen(settings: GatewaySettings) -> socket.socket:
+    """The listening socket, shareable: several gateway processes may bind the same port.
+
+    With SO_REUSEPORT (Linux, BSD) the kernel spreads new connections over every process
+    bound to the port, so ``notify gateway --processes N``, or N gateways started by a
+    Procfile runner or systemd on one host, need no load balancer in front of them.
+    """
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(2048)
+    return sock

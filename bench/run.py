@@ -1,0 +1,545 @@
+"""The gateway's performance on this machine, as markdown tables.
+
+    make bench                  # every scenario, about 6 minutes
+    .venv/bin/python bench/run.py --only fanout,idle --seconds 3
+
+Starts the real stack from the wheels (valkey-server, tansu, `notify gateway`, `notify bridge`)
+with the gateway (and the bridge, where one runs) pinned to core 0 and Redis, the broker and
+this load client on core 1 (where the OS allows pinning), then runs:
+
+- fanout: notifications to random students among C connections (one per student), stepped
+  open-loop rates; "sustained" = >= 99.9 % delivered with p99 < 100 ms. Two publish paths:
+  ``contract`` is the real one (the Lua script: dedupe, history append, PUBLISH) and is
+  bounded by Redis on the shared core; ``publish`` sends frames the bench numbered itself
+  with a plain PUBLISH, which the gateway handles exactly alike, to find the gateway's own
+  ceiling.
+- broadcast: one channel with C connections (a student with C devices, the per-student
+  limit raised), deliveries per second; sustained = >= 99.9 % delivered and the last one
+  within 1 s of the last publish (p99 is reported: it is the time to write C sockets plus
+  the load client's time to read C sockets).
+- idle: gateway RSS per idle connection at 5,000 and 19,900 connections (this machine caps
+  open files at 20,000 per process).
+- kafka: Kafka -> bridge -> WebSocket latency at 2,000 events/s.
+- bridge: events/s a bridge publishes while draining a backlog, from its own metrics (no
+  client is connected, so the gateway is idle).
+- resume: 1,000 clients reconnecting at once, each owed 100 missed events.
+
+Every event is counted; latency is receive time minus send time, both on this process's
+monotonic clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import uvloop
+from aiokafka import AIOKafkaProducer
+from redis.asyncio import Redis
+
+sys.path.insert(0, str(Path(__file__).parent))
+from wsload import Client, Stats, connect_many, publish_open_loop, resp
+
+from notify_gateway import config, embedded, keys
+from notify_gateway.broker import _PUBLISH
+from notify_gateway.gateway.auth import mint
+
+SERVER_CORE, LOAD_CORE = 0, 1
+SECRET = "bench-" + "s" * 32
+RULES = """
+[BENCH_EVENT]
+notification = "BENCH"
+recipients = ["studentId"]
+fields = ["t"]
+"""
+IDLE_MAX = 19_900
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def pin(pid: int, core: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setaffinity(pid, {core})
+
+
+class Process:
+    """CPU time and memory of a child, read from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def memory_kb(self, field: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    redis_port: int
+    gateway_port: int
+    gateway: Process
+    jwt: config.JwtSettings
+
+    def path(self, user: str, since: str | None = None) -> str:
+        query = f"?token={mint(self.jwt, user, 3600)}"
+        return f"/ws{query}&since={since}" if since else f"/ws{query}"
+
+
+@contextlib.asynccontextmanager
+async def gateway_stack(redis: embedded.Server, **extra: str) -> AsyncIterator[Stack]:
+    port = embedded.free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": redis.address,
+        "NOTIFY_JWT_SECRET": SECRET,
+        "NOTIFY_HOST": "127.0.0.1",
+        "PORT": str(port),
+        "NOTIFY_LOG_LEVEL": "WARNING",
+        "NOTIFY_MAX_CONNECTIONS_PER_USER": "10000",
+        **extra,
+    }
+    process = embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "gateway"], env)
+    pin(process.pid, SERVER_CORE)
+    try:
+        await wait_http(port)
+        yield Stack(env, redis.port, port, Process(process.pid), config.load_jwt(env))
+    finally:
+        embedded.stop(process)
+
+
+async def wait_http(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /readyz HTTP/1.1\r\nHost: bench\r\n\r\n")
+            status = await reader.readline()
+            writer.close()
+            if b" 200 " in status:
+                return
+        await asyncio.sleep(0.1)
+    raise TimeoutError("the gateway did not become ready")
+
+
+async def drain(stats: Stats, expected: int, quiet: float = 2.0, limit: float = 30.0) -> None:
+    """Wait for ``expected`` events, or until none arrived for ``quiet`` seconds."""
+    deadline = time.monotonic() + limit
+    seen, idle_since = stats.events, time.monotonic()
+    while stats.events < expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        if stats.events != seen:
+            seen, idle_since = stats.events, time.monotonic()
+        elif time.monotonic() - idle_since > quiet:
+            return
+
+
+def percentile(sorted_us: list[int], p: float) -> float:
+    if not sorted_us:
+        return float("nan")
+    return sorted_us[min(len(sorted_us) - 1, int(len(sorted_us) * p))] / 1000
+
+
+@dataclass
+class Step:
+    name: str
+    rate: float
+    sent: int
+    events: int
+    latencies: list[int]
+    seconds: float
+    server_cpu: float
+    load_cpu: float
+    peak_rss_kb: int
+    # Seconds from the last publish to the last delivery.
+    lag: float
+    # Per-student notifications must arrive within p99 100 ms; a broadcast is judged on
+    # throughput (its p99 is the time to write C sockets plus the load client reading C).
+    latency_bound: bool
+
+    @property
+    def delivered(self) -> float:
+        return 100 * self.events / self.sent if self.sent else float("nan")
+
+    @property
+    def sustained(self) -> bool:
+        if self.delivered < 99.9:
+            return False
+        if self.latency_bound:
+            return percentile(sorted(self.latencies), 0.99) < 100
+        return self.lag < 1.0
+
+    def row(self) -> str:
+        lat = sorted(self.latencies)
+        us_per_msg = 1e6 * self.server_cpu / max(1, self.events)
+        return (
+            f"| {self.name} | {self.rate:,.0f} | {self.delivered:.2f} % | "
+            f"{percentile(lat, 0.5):.1f} | {percentile(lat, 0.99):.1f} | "
+            f"{(lat[-1] / 1000) if lat else float('nan'):.1f} | {us_per_msg:.1f} | "
+            f"{100 * self.server_cpu / self.seconds:.0f} % | "
+            f"{100 * self.load_cpu / self.seconds:.0f} % | {self.peak_rss_kb / 1024:.0f} |"
+        )
+
+
+STEP_HEADER = (
+    "| scenario | msgs/s offered | delivered | p50 ms | p99 ms | max ms | server CPU us/msg "
+    "| server CPU | load client CPU | server peak RSS MB |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+class Report:
+    def __init__(self) -> None:
+        self.summary: list[str] = []
+        self.details: list[str] = []
+
+    def headline(self, scenario: str, measured: str, target: str) -> None:
+        self.summary.append(f"| {scenario} | {measured} | {target} |")
+        print(self.summary[-1], flush=True)
+
+
+class Publisher:
+    """Pre-encodes one student's publish so the open loop only formats the timestamps."""
+
+    def __init__(self, sha: bytes, mode: str, order: list[str]) -> None:
+        self._sha = sha
+        self._mode = mode
+        # The student of the n-th message is order[n % len(order)].
+        self._order = order
+        self._seq: dict[str, int] = {}
+
+    def nth(self, n: int) -> bytes:
+        return self.command(self._order[n % len(self._order)])
+
+    def command(self, user: str) -> bytes:
+        t = time.perf_counter_ns()
+        ts = time.time_ns() // 1_000_000
+        body = b'"event":"BENCH","data":{"t":%d},"invalidate":[],"ts":%d}' % (t, ts)
+        meta, hist, chan = (
+            k.encode() for k in (keys.meta(user), keys.history(user), keys.channel(user))
+        )
+        if self._mode == "contract":
+            return resp(
+                b"EVALSHA", self._sha, b"2", meta, hist, chan,
+                b"be0c4000", body, b"100", b"86400", b"86400",
+            )  # fmt: skip
+        seq = self._seq[user] = self._seq.get(user, 0) + 1
+        frame = b'{"type":"event","id":"bench-%d",%s' % (seq, body)
+        return resp(b"PUBLISH", chan, frame)
+
+
+async def run_steps(
+    stack: Stack,
+    name: str,
+    rates: Sequence[float],
+    seconds: float,
+    stats: Stats,
+    publisher: Publisher,
+    per_message: int,
+) -> list[Step]:
+    """Offer each rate in turn until one is not sustained."""
+    steps: list[Step] = []
+    for rate in rates:
+        stats.reset()
+        server0, load0, wall0 = stack.gateway.cpu(), own_cpu(), time.monotonic()
+        sent = await publish_open_loop(stack.redis_port, rate, seconds, publisher.nth)
+        published = time.monotonic()
+        await drain(stats, sent * per_message)
+        elapsed = time.monotonic() - wall0
+        step = Step(
+            name,
+            rate * per_message,
+            sent * per_message,
+            stats.events,
+            stats.latencies,
+            elapsed,
+            stack.gateway.cpu() - server0,
+            own_cpu() - load0,
+            stack.gateway.memory_kb("VmHWM"),
+            time.monotonic() - published,
+            per_message == 1,
+        )
+        steps.append(step)
+        print(step.row(), flush=True)
+        if not step.sustained:
+            break
+    return steps
+
+
+async def script_sha(redis: embedded.Server) -> bytes:
+    client = Redis.from_url(redis.address)
+    try:
+        return (await client.script_load(_PUBLISH)).encode()
+    finally:
+        await client.aclose()
+
+
+async def fanout(redis: embedded.Server, args: argparse.Namespace, out: Report) -> None:
+    sha = await script_sha(redis)
+    for conns in (1000, 5000):
+        for mode, rates in (
+            ("contract", [5_000, 10_000, 20_000, 30_000, 40_000, 50_000, 60_000]),
+            ("publish", [5_000, 10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000]),
+        ):
+            async with gateway_stack(redis) as stack:
+                pick = random.Random(f"{conns}-{mode}").choices
+                users = [f"fan-{mode}-{conns}-{i}" for i in range(conns)]
+                stats = Stats()
+                clients = await connect_many(
+                    stack.gateway_port, [stack.path(u) for u in users], stats
+                )
+                order = pick(users, k=int(max(rates) * args.seconds))
+                publisher = Publisher(sha, mode, order)
+                steps = await run_steps(
+                    stack,
+                    f"C={conns} {mode}",
+                    rates,
+                    args.seconds,
+                    stats,
+                    publisher,
+                    1,
+                )
+                for client in clients:
+                    client.close()
+            best = max((s.rate for s in steps if s.sustained), default=0)
+            target = "≥ 100,000 msgs/s, p99 < 50 ms" if conns == 5000 else ""
+            out.headline(f"per-user sustained, C={conns}, {mode}", f"{best:,.0f} msgs/s", target)
+            out.details.extend(s.row() for s in steps)
+
+
+async def broadcast(redis: embedded.Server, args: argparse.Namespace, out: Report) -> None:
+    sha = await script_sha(redis)
+    conns = 5000
+    async with gateway_stack(redis) as stack:
+        stats = Stats()
+        clients = await connect_many(stack.gateway_port, [stack.path("everyone")] * conns, stats)
+        publisher = Publisher(sha, "contract", ["everyone"])
+        steps = await run_steps(
+            stack,
+            f"broadcast C={conns}",
+            [2, 5, 10, 20, 40, 60, 80, 120, 160, 200],
+            args.seconds,
+            stats,
+            publisher,
+            conns,
+        )
+        for client in clients:
+            client.close()
+    best = max((s.rate for s in steps if s.sustained), default=0)
+    out.headline(f"broadcast, C={conns}", f"{best:,.0f} deliveries/s", "≥ 300,000 deliveries/s")
+    out.details.extend(s.row() for s in steps)
+
+
+async def idle(redis: embedded.Server, _args: argparse.Namespace, out: Report) -> None:
+    async with gateway_stack(redis, NOTIFY_PING_INTERVAL="3600") as stack:
+        await asyncio.sleep(1)
+        before = stack.gateway.memory_kb("VmRSS")
+        clients: list[Client] = []
+        for target in (5000, IDLE_MAX):
+            users = [f"idle-{i}" for i in range(len(clients), target)]
+            clients += await connect_many(
+                stack.gateway_port, [stack.path(u) for u in users], Stats()
+            )
+            await asyncio.sleep(2)
+            rss = stack.gateway.memory_kb("VmRSS")
+            out.headline(
+                f"idle memory, {target:,} connections",
+                f"{(rss - before) / target:.1f} KB each (RSS {rss / 1024:.0f} MB, "
+                f"{before / 1024:.0f} MB before connecting)",
+                "≤ 12 KB at 20,000" if target == IDLE_MAX else "",
+            )
+        for client in clients:
+            client.close()
+
+
+class Bridge(Process):
+    def __init__(self, pid: int, metrics_port: int) -> None:
+        super().__init__(pid)
+        self.metrics_port = metrics_port
+
+    async def published(self) -> int:
+        """Notifications the bridge published so far, from its own /metrics."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.metrics_port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        body = await reader.read()
+        writer.close()
+        prefix = b"notify_bridge_notifications_published_total{"
+        return sum(
+            int(float(line.rsplit(b" ", 1)[1]))
+            for line in body.splitlines()
+            if line.startswith(prefix)
+        )
+
+
+@contextlib.contextmanager
+def bridge_process(stack: Stack, kafka: embedded.Server, rules: Path) -> Iterator[Bridge]:
+    port = embedded.free_port()
+    env = {
+        **stack.env,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka.address,
+        "NOTIFY_RULES": str(rules),
+        "BRIDGE_PORT": str(port),
+    }
+    process = embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "bridge"], env)
+    pin(process.pid, SERVER_CORE)
+    try:
+        yield Bridge(process.pid, port)
+    finally:
+        embedded.stop(process)
+
+
+async def kafka_paths(redis: embedded.Server, args: argparse.Namespace, out: Report) -> None:
+    kafka = embedded.start_kafka()
+    pin(kafka.process.pid, LOAD_CORE)
+    rules = Path(tempfile.mkdtemp()) / "rules.toml"
+    rules.write_text(RULES)
+    try:
+        async with gateway_stack(redis) as stack:
+            settings = config.load_kafka({"KAFKA_BOOTSTRAP_SERVERS": kafka.address})
+            topic = settings.topics[0]
+            await embedded.create_topics(kafka.address, [topic, settings.dlq_topic])
+            users = [f"kafka-{i}" for i in range(1000)]
+            stats = Stats()
+            clients = await connect_many(stack.gateway_port, [stack.path(u) for u in users], stats)
+            producer = AIOKafkaProducer(bootstrap_servers=kafka.address, linger_ms=1)
+            await producer.start()
+
+            async def produce(n: int) -> None:
+                user = users[n % len(users)]
+                event = {"eventId": f"e{n}", "eventType": "BENCH_EVENT",
+                         "data": {"studentId": user, "t": time.perf_counter_ns()}}  # fmt: skip
+                await producer.send(topic, orjson.dumps(event), key=user.encode())
+
+            with bridge_process(stack, kafka, rules):
+                await produce(-1)  # warm-up: the bridge joins its group
+                await drain(stats, 1, quiet=60)
+                rate, total = 2000, int(2000 * args.seconds)
+                stats.reset()
+                start = time.perf_counter()
+                for n in range(total):
+                    delay = start + n / rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    await produce(n)
+                await producer.flush()
+                await drain(stats, total)
+                lat = sorted(stats.latencies)
+                out.headline(
+                    f"Kafka → bridge → WebSocket, {rate:,} events/s",
+                    f"p50 {percentile(lat, 0.5):.1f} ms, p99 {percentile(lat, 0.99):.1f} ms, "
+                    f"max {lat[-1] / 1000 if lat else float('nan'):.1f} ms; "
+                    f"{100 * stats.events / total:.2f} % delivered",
+                    "p99 ≤ 25 ms",
+                )
+            # Backlog: events wait in Kafka while no bridge runs. The clients are gone, so
+            # the bridge has core 0 to itself; its own metrics count what it published.
+            for client in clients:
+                client.close()
+            backlog = 50_000
+            for n in range(backlog):
+                await produce(1_000_000 + n)
+            await producer.flush()
+            with bridge_process(stack, kafka, rules) as bridge:
+                while True:
+                    with contextlib.suppress(OSError):
+                        if await bridge.published():
+                            break
+                    await asyncio.sleep(0.01)
+                first, cpu0 = time.monotonic(), bridge.cpu()
+                while await bridge.published() < backlog:
+                    await asyncio.sleep(0.01)
+                last, cpu = time.monotonic(), bridge.cpu() - cpu0
+            out.headline(
+                f"bridge, {backlog:,}-event backlog",
+                f"{backlog / (last - first):,.0f} events/s ({1e6 * cpu / backlog:.0f} us CPU "
+                "per event)",
+                "≥ 20,000 events/s",
+            )
+            await producer.stop()
+    finally:
+        kafka.stop()
+
+
+async def resume(redis: embedded.Server, _args: argparse.Namespace, out: Report) -> None:
+    sha = await script_sha(redis)
+    conns, missed = 1000, 100
+    async with gateway_stack(redis) as stack:
+        users = [f"resume-{i}" for i in range(conns)]
+        publisher = Publisher(sha, "contract", users)
+        await publish_open_loop(
+            stack.redis_port, 50_000, conns * missed / 50_000,
+            publisher.nth,
+        )  # fmt: skip
+        await asyncio.sleep(1)
+        stats = Stats()
+        cpu0, start = stack.gateway.cpu(), time.monotonic()
+        clients = await connect_many(
+            stack.gateway_port, [stack.path(u, since="0") for u in users], stats, 1000
+        )
+        await drain(stats, conns * missed)
+        elapsed = time.monotonic() - start
+        cpu = stack.gateway.cpu() - cpu0
+        out.headline(
+            f"resume, {conns:,} clients reconnecting, {missed} missed events each",
+            f"{elapsed:.2f} s to replay {stats.events:,} events "
+            f"({100 * stats.events / (conns * missed):.2f} %), server CPU {cpu:.2f} s",
+            "",
+        )
+        for client in clients:
+            client.close()
+
+
+SCENARIOS = {
+    "fanout": fanout,
+    "broadcast": broadcast,
+    "idle": idle,
+    "kafka": kafka_paths,
+    "resume": resume,
+}
+
+
+async def main(args: argparse.Namespace) -> None:
+    pin(os.getpid(), LOAD_CORE)
+    redis = embedded.start_redis()
+    pin(redis.process.pid, LOAD_CORE)
+    out = Report()
+    try:
+        for name in args.only.split(","):
+            await SCENARIOS[name](redis, args, out)
+    finally:
+        redis.stop()
+    print(f"\n## notify-gateway bench ({os.cpu_count()} cores, {args.seconds:g} s per step)\n")
+    print("| scenario | measured | target |\n|---|---|---|")
+    print("\n".join(out.summary))
+    if out.details:
+        print("\n### Stepped rates\n")
+        print(STEP_HEADER)
+        print("\n".join(out.details))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--only", default=",".join(SCENARIOS))
+    uvloop.run(main(parser.parse_args()))
