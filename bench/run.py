@@ -9,9 +9,9 @@ this load client on core 1 (where the OS allows pinning), then runs:
 
 - fanout: notifications to random students among C connections (one per student), stepped
   open-loop rates; "sustained" = >= 99.9 % delivered with p99 < 100 ms. Two publish paths:
-  ``contract`` is the real one (the Lua script: dedupe, history append, PUBLISH) and is
+  ``contract`` is the real one (the Lua script: dedupe, history append, SPUBLISH) and is
   bounded by Redis on the shared core; ``publish`` sends frames the bench numbered itself
-  with a plain PUBLISH, which the gateway handles exactly alike, to find the gateway's own
+  with a plain SPUBLISH, which the gateway handles exactly alike, to find the gateway's own
   ceiling.
 - broadcast: one channel with C connections (a student with C devices, the per-student
   limit raised), deliveries per second; sustained = >= 99.9 % delivered and the last one
@@ -246,7 +246,7 @@ class Publisher:
             )  # fmt: skip
         seq = self._seq[user] = self._seq.get(user, 0) + 1
         frame = b'{"type":"event","id":"bench-%d",%s' % (seq, body)
-        return resp(b"PUBLISH", chan, frame)
+        return resp(b"SPUBLISH", chan, frame)
 
 
 async def run_steps(

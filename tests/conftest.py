@@ -41,6 +41,14 @@ def kafka_bootstrap() -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[embedded.Cluster]:
+    """Three masters with one replica each, in cluster mode: for REDIS_CLUSTER=1 tests."""
+    cluster = embedded.start_redis_cluster(masters=3, replicas=1)
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
 def private_redis() -> Iterator[embedded.Server]:
     """A valkey-server of this test's own, for FLUSHALL, restarts and CLIENT KILL."""

@@ -12,11 +12,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from notify_gateway.broker import Notification, Publisher
 from notify_gateway.config import load_history
+from notify_gateway.redis_client import Client
 
 from .support import GatewayServer, events, nothing_arrives, open_client, recv_json, token
 
 
-def publisher(redis: Redis) -> Publisher:
+def publisher(redis: Client) -> Publisher:
     return Publisher(redis, load_history({}))
 
 

@@ -10,11 +10,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from redis.asyncio import Redis
+import pytest
+from redis.asyncio import RedisCluster
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from notify_gateway import embedded
+from notify_gateway import embedded, redis_client
 from notify_gateway.broker import Notification, Publisher
 from notify_gateway.config import load_history
 
@@ -59,23 +60,46 @@ async def wait_for(condition: Callable[[], bool], within: float = 20) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.fixture(params=["single", "cluster"])
+def backend(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """A Redis of this test's own, or (REDIS_CLUSTER=1) the suite's three-master cluster."""
+    if request.param == "cluster":
+        cluster: embedded.Cluster = request.getfixturevalue("redis_cluster")
+        return cluster.address, True
+    server: embedded.Server = request.getfixturevalue("private_redis")
+    return server.address, False
+
+
 async def test_two_processes_share_the_port_and_a_killed_one_loses_nothing(
-    private_redis: embedded.Server,
+    backend: tuple[str, bool],
 ) -> None:
+    address, cluster = backend
     port = embedded.free_port()
-    env = {**os.environ, **settings_env(private_redis.address, PORT=str(port))}
+    env = {**os.environ, **settings_env(address, PORT=str(port))}
     env["NOTIFY_LOG_LEVEL"] = "WARNING"
+    env["REDIS_CLUSTER"] = "1" if cluster else "0"
     command = [sys.executable, "-m", "notify_gateway.cli", "gateway", "--processes", "2"]
+    redis = redis_client.client(address, cluster)
+
+    async def heartbeats() -> set[bytes | str]:
+        # KEYS asks one node of a cluster unless told to ask every primary.
+        extra = {"target_nodes": RedisCluster.PRIMARIES} if cluster else {}
+        return set(await redis.keys("notify:process:*", **extra))
+
+    # Heartbeat keys of earlier tests' processes may still be there on the shared cluster.
+    before = await heartbeats()
     supervisor = embedded.spawn(command, env, quiet=True)
-    redis = Redis.from_url(private_redis.address)
     publisher = Publisher(redis, load_history({}))
     students: list[Student] = []
     try:
         await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}")
         # Both processes up: each keeps a heartbeat key.
         await wait_for(lambda: len(children(supervisor.pid)) == 2)
-        while len(await redis.keys("notify:process:*")) < 2:
+        for _ in range(400):
+            if len(await heartbeats() - before) >= 2:
+                break
             await asyncio.sleep(0.05)
+        assert len(await heartbeats() - before) >= 2, "both processes keep a heartbeat"
         students = [Student(port) for _ in range(30)]
 
         async def serving_processes() -> set[bytes | str]:

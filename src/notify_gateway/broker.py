@@ -1,26 +1,33 @@
 """The publish contract every producer uses: bridge, HTTP API and CLI alike.
 
 One Lua script does, atomically for one student: skip a notification whose dedupe key was
-already published (returning the original id), take the next sequence number, append the
-finished event frame to the bounded history stream, refresh the expiry, and PUBLISH the
-same frame on the student's channel. Because history and live delivery come from a single
+already published (returning the original id), start a new history incarnation (epoch) if
+the student has none or the node was promoted from replica since, take the next sequence
+number, append the finished event frame to the bounded history stream, refresh the expiry,
+and SPUBLISH the same frame on the student's channel. Because history and live delivery come from a single
 step, a gateway that reads history after subscribing can never see a hole between them.
+
+The channel is a shard channel (SPUBLISH, Redis >= 7) on a single node and in a cluster
+alike: in a cluster it then goes only to the nodes of its slot's shard, where the
+student's history already lives, instead of being broadcast over the whole cluster bus.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 
 from . import keys
 from .config import HistorySettings
 from .protocol import EventId, event_body, parse_event_id
+from .redis_client import Client
 
 # KEYS: meta, history[, dedupe]. ARGV: channel, candidate epoch, frame body, history size,
 # history ttl, dedupe ttl. Returns {id, 1} when published, {id, 0} for a duplicate.
@@ -30,13 +37,18 @@ if dedupe then
   local prior = redis.call('GET', dedupe)
   if prior then return {prior, 0} end
 end
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  -- A new incarnation. A history that outlived its meta (eviction, a manual DEL) belongs
-  -- to the old one: its ids would collide with the new sequence.
+-- The node's replication id changes when a replica is promoted. Asynchronous replication
+-- may have lost the old primary's last events, and continuing its sequence would hand
+-- their ids to other events: a client that saw the lost ones would skip the new ones.
+local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'replid')
+local epoch = meta[1]
+if not epoch or meta[2] ~= replid then
+  -- A new incarnation. A history that outlived its meta (eviction, a manual DEL) or its
+  -- primary belongs to the old one: its ids would collide with the new sequence.
   epoch = ARGV[2]
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'replid', replid, 'seq', 0)
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local id = epoch .. '-' .. seq
@@ -45,7 +57,7 @@ redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '0-' .. seq, 'f', frame)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 if dedupe then redis.call('SET', dedupe, id, 'EX', ARGV[6]) end
-redis.call('PUBLISH', ARGV[1], frame)
+redis.call('SPUBLISH', ARGV[1], frame)
 return {id, 1}
 """
 
@@ -69,17 +81,41 @@ class Published:
     duplicate: bool
 
 
+Pipe = Pipeline | ClusterPipeline
+
+
 class Publisher:
-    def __init__(self, redis: Redis, history: HistorySettings) -> None:
-        self._script = redis.register_script(_PUBLISH)
+    def __init__(self, redis: Client, history: HistorySettings) -> None:
+        self._redis = redis
+        self._sha = hashlib.sha1(_PUBLISH.encode()).hexdigest()  # noqa: S324 - Redis's script id
         self._history = history
 
     async def publish(self, notification: Notification) -> Published:
-        return parse_result(await self._script(*self._call(notification)))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            self.queue(notification, pipe)
+            [result] = await self.execute(pipe)
+        return parse_result(result)
 
-    async def queue(self, notification: Notification, pipe: Pipeline) -> None:
-        """Add the publish to ``pipe``; its result is ``parse_result`` of that pipeline slot."""
-        await self._script(*self._call(notification), client=pipe)
+    def queue(self, notification: Notification, pipe: Pipe) -> None:
+        """Add the publish to ``pipe``; its result is ``parse_result`` of that pipeline slot.
+
+        Sent as a plain EVALSHA: redis-py refuses script objects in cluster pipelines, and
+        :meth:`execute` makes sure the script is there, on one node or on every primary.
+        """
+        script_keys, args = self._call(notification)
+        pipe.execute_command("EVALSHA", self._sha, len(script_keys), *script_keys, *args)
+
+    async def execute(self, pipe: Pipe, raise_on_error: bool = True) -> list[Any]:
+        """Run ``pipe`` once every primary has the script.
+
+        A restarted node, and a replica promoted by a failover, start without it (scripts
+        are not replicated). The check costs one round trip per pipeline; if a node loses the
+        script between the check and the pipeline, the publish fails with NOSCRIPT and the
+        caller retries, as for any other Redis error.
+        """
+        if not all(await self._redis.script_exists(self._sha)):
+            await self._redis.script_load(_PUBLISH)
+        return list(await pipe.execute(raise_on_error=raise_on_error))
 
     def _call(self, notification: Notification) -> tuple[list[str], list[str | bytes | int]]:
         user = notification.user_id

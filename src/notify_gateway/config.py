@@ -65,6 +65,18 @@ def _redis_url(env: Mapping[str, str]) -> str:
     return url
 
 
+def _redis_cluster(env: Mapping[str, str], url: str) -> bool:
+    raw = (_get(env, "REDIS_CLUSTER") or "0").lower()
+    if raw not in ("0", "1", "false", "true"):
+        raise ConfigError("REDIS_CLUSTER", f"must be 1 or 0, got {raw!r}")
+    cluster = raw in ("1", "true")
+    if cluster and urlsplit(url).scheme == "unix":
+        raise ConfigError("REDIS_CLUSTER", "a cluster is reached over TCP, not a unix:// URL")
+    if cluster and urlsplit(url).path.strip("/") not in ("", "0"):
+        raise ConfigError("REDIS_URL", "a cluster has database 0 only")
+    return cluster
+
+
 def _bootstrap(env: Mapping[str, str]) -> str:
     raw = _required(env, "KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     for server in raw.split(","):
@@ -189,6 +201,7 @@ def _host(env: Mapping[str, str]) -> str:
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
     redis_url: str
+    redis_cluster: bool
     host: str
     port: int
     jwt: JwtSettings
@@ -205,8 +218,10 @@ class GatewaySettings:
 
 
 def load_gateway(env: Mapping[str, str]) -> GatewaySettings:
+    redis_url = _redis_url(env)
     return GatewaySettings(
-        redis_url=_redis_url(env),
+        redis_url=redis_url,
+        redis_cluster=_redis_cluster(env, redis_url),
         host=_host(env),
         port=_int(env, "PORT", 8000, 1, 65_535),
         jwt=load_jwt(env),
@@ -252,6 +267,7 @@ def load_kafka(env: Mapping[str, str]) -> KafkaSettings:
 @dataclass(frozen=True, slots=True)
 class BridgeSettings:
     redis_url: str
+    redis_cluster: bool
     kafka: KafkaSettings
     history: HistorySettings
     rules_path: str | None
@@ -260,8 +276,10 @@ class BridgeSettings:
 
 
 def load_bridge(env: Mapping[str, str]) -> BridgeSettings:
+    redis_url = _redis_url(env)
     return BridgeSettings(
-        redis_url=_redis_url(env),
+        redis_url=redis_url,
+        redis_cluster=_redis_cluster(env, redis_url),
         kafka=load_kafka(env),
         history=load_history(env),
         rules_path=_get(env, "NOTIFY_RULES"),

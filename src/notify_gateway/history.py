@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
 from . import keys
 from .protocol import EventId
+from .redis_client import Client
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,12 +24,12 @@ class Replay:
     resync_reason: str | None = None
 
 
-async def current(redis: Redis, user: str) -> EventId | None:
+async def current(redis: Client, user: str) -> EventId | None:
     epoch, seq = await redis.hmget(keys.meta(user), ["epoch", "seq"])
     return _id(epoch, seq)
 
 
-async def after(redis: Redis, user: str, position: EventId | None) -> Replay:
+async def after(redis: Client, user: str, position: EventId | None) -> Replay:
     """Every event after ``position`` (None: from the history's first event), or a resync."""
     after_seq = 0 if position is None else position.seq
     async with redis.pipeline(transaction=True) as pipe:
@@ -61,7 +60,7 @@ def _id(epoch: bytes | str | None, seq: bytes | str | None) -> EventId | None:
     return EventId(epoch.decode() if isinstance(epoch, bytes) else epoch, int(seq))
 
 
-async def recent(redis: Redis, user: str, limit: int) -> list[bytes]:
+async def recent(redis: Client, user: str, limit: int) -> list[bytes]:
     """The student's last ``limit`` event frames, oldest first (for diagnosis)."""
     entries: list[Any] = await redis.xrevrange(keys.history(user), count=limit) or []
     return [fields[b"f"] for _entry_id, fields in reversed(entries)]

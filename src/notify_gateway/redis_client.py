@@ -1,4 +1,4 @@
-"""The one way processes open their Redis client.
+"""The one way processes open their Redis client, on a single node or a Redis Cluster.
 
 After a Redis restart or failover every pooled connection is dead. redis-py retries a
 command on a fresh connection only for the errors named in ``retry_on_error``; without it a
@@ -10,6 +10,11 @@ redis-py adds ``retry_on_error`` to the Retry's own error list, so that list is 
 
 Commands are packed by hiredis: redis-py's asyncio connections pack them in Python (only its
 sync ones can use hiredis), which was 40 % of the bridge's CPU under a backlog (cProfile).
+
+With ``REDIS_CLUSTER=1`` the client is redis-py's ``RedisCluster``: it learns the slot map
+from the URL's node and follows MOVED and failovers itself. Every key of one student shares
+the hash tag ``{u:<id>}`` (see :mod:`keys`), so each of the student's commands, scripts and
+transactions stays inside one slot.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import hiredis
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -26,6 +31,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 # No command here blocks on the server, so a reply slower than this means a frozen or
 # unreachable Redis: fail, and let the caller's retry (or resync) take over.
 SOCKET_TIMEOUT = 5.0
+
+# What every module that talks to Redis accepts: the commands they use exist on both.
+Client = Redis | RedisCluster
 
 
 class _HiredisPacking:
@@ -36,17 +44,19 @@ class _HiredisPacking:
         return [hiredis.pack_command(args)]
 
 
-def client(url: str) -> Redis:
+def client(url: str, cluster: bool = False) -> Client:
     # The URL picks TCP, TLS or a Unix socket; packing is mixed into whichever it is.
     kind: type[AbstractConnection] = parse_url(url).get("connection_class", Connection)
     packed = type(f"Hiredis{kind.__name__}", (_HiredisPacking, kind), {})
-    return Redis.from_url(
-        url,
-        connection_class=packed,
-        socket_timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=SOCKET_TIMEOUT,
-        retry=Retry(
+    options: dict[str, Any] = {
+        "connection_class": packed,
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": SOCKET_TIMEOUT,
+        "retry": Retry(
             ExponentialBackoff(cap=1.0, base=0.05), 3, supported_errors=(RedisConnectionError,)
         ),
-        retry_on_error=[RedisConnectionError],
-    )
+        "retry_on_error": [RedisConnectionError],
+    }
+    if cluster:
+        return RedisCluster.from_url(url, **options)
+    return Redis.from_url(url, **options)

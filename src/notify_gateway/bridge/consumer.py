@@ -79,7 +79,7 @@ class Bridge:
     def __init__(self, settings: BridgeSettings, rule_set: dict[str, Rule]) -> None:
         self._settings = settings
         self._rules = rule_set
-        self._redis = redis_client.client(settings.redis_url)
+        self._redis = redis_client.client(settings.redis_url, settings.redis_cluster)
         self._publisher = Publisher(self._redis, settings.history)
         self._consumer, self._producer = self._new_clients()
         self.metrics = BridgeMetrics()
@@ -211,17 +211,18 @@ class Bridge:
         async with self._redis.pipeline(transaction=False) as pipe:
             for item in work:
                 assert item.outcome is not None
-                if item.outcome.cache_keys:
-                    pipe.delete(*item.outcome.cache_keys)
+                # One DEL per key: in a cluster the keys of one event may sit in any slot.
+                for key in item.outcome.cache_keys:
+                    pipe.delete(key)
                     slots.append((item, None))
                 for notification in item.outcome.notifications:
                     try:
-                        await self._publisher.queue(notification, pipe)
+                        self._publisher.queue(notification, pipe)
                     except TypeError as exc:  # orjson: nesting too deep, non-string keys
                         item.reason = f"data cannot be encoded as JSON: {exc}"
                         continue
                     slots.append((item, notification.event))
-            results = await pipe.execute(raise_on_error=False)
+            results = await self._publisher.execute(pipe, raise_on_error=False)
         for result in results:
             if isinstance(result, ResponseError) and not _event_specific(result):
                 raise result

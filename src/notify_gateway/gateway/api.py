@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -27,6 +27,7 @@ from starlette.routing import Route
 from .. import history, keys
 from ..broker import Notification, Publisher, parse_result
 from ..config import GatewaySettings
+from ..redis_client import Client
 from . import audit, openapi, presence, schema
 from .auth import bearer, mint
 from .schema import WATCH_TOKEN_TTL, ApiError
@@ -43,7 +44,7 @@ def _error(exc: ApiError) -> JSONResponse:
 
 
 class Api:
-    def __init__(self, settings: GatewaySettings, redis: Redis, publisher: Publisher) -> None:
+    def __init__(self, settings: GatewaySettings, redis: Client, publisher: Publisher) -> None:
         self._keys = [(name, key.encode()) for name, key in settings.api_keys.items()]
         self._rate_limit = settings.api_rate_limit
         self._cache_keys = settings.cache_keys
@@ -122,11 +123,16 @@ class Api:
 
     async def publish(self, request: Request, caller: str) -> Response:
         notifications = schema.publish_request(await self._body(request))
-        # One MULTI/EXEC: the batch is published whole or not at all.
-        async with self._redis.pipeline(transaction=True) as pipe:
+        # One MULTI/EXEC: the batch is published whole or not at all. A cluster runs a
+        # transaction inside one slot only, so there a batch for several students is
+        # published student by student; a failure midway answers 503, and the caller's
+        # retry with idempotency keys delivers nothing twice.
+        students = {notification.user_id for notification in notifications}
+        atomic = len(students) == 1 or not isinstance(self._redis, RedisCluster)
+        async with self._redis.pipeline(transaction=atomic) as pipe:
             for notification in notifications:
-                await self._publisher.queue(notification, pipe)
-            results = await pipe.execute()
+                self._publisher.queue(notification, pipe)
+            results = await self._publisher.execute(pipe)
         ids = [str(parse_result(result).id) for result in results]
         log.info("%s published %d notification(s)", caller, len(ids))
         return JSONResponse({"ids": ids}, status_code=202)
@@ -156,8 +162,8 @@ class Api:
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in cache_keys:
                 pipe.delete(key)
-            await self._publisher.queue(notification, pipe)
-            *deleted, published = await pipe.execute()
+            self._publisher.queue(notification, pipe)
+            *deleted, published = await self._publisher.execute(pipe)
         event_id = str(parse_result(published).id)
         # The push went out: from here a Redis hiccup must not turn into an error that
         # invites the operator to push twice. Presence and the audit entry are best effort.

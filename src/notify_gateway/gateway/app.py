@@ -50,8 +50,8 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.process_id = secrets.token_hex(6)
-        self.redis = redis_client.client(settings.redis_url)
-        self.reader = Reader(settings.redis_url, f"notify:probe:{self.process_id}")
+        self.redis = redis_client.client(settings.redis_url, settings.redis_cluster)
+        self.reader = Reader(self.redis, settings.redis_url, self.process_id)
         self.presence = PresenceWriter(
             self.redis,
             self.process_id,
@@ -71,7 +71,7 @@ class Gateway:
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self.reader.run()),
-            asyncio.create_task(self.reader.probe(self.redis)),
+            asyncio.create_task(self.reader.probe()),
             asyncio.create_task(self.presence.run()),
             asyncio.create_task(self.keepalive()),
         ]

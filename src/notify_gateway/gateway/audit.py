@@ -11,22 +11,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from .. import keys
+from ..redis_client import Client
 
 # Approximate trimming keeps the stream bounded at O(1) cost per append.
 MAX_ENTRIES = 100_000
 
 
-async def append(redis: Redis, entry: dict[str, Any]) -> None:
+async def append(redis: Client, entry: dict[str, Any]) -> None:
     record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **entry}
     await redis.xadd(
         keys.AUDIT, {"entry": orjson.dumps(record)}, maxlen=MAX_ENTRIES, approximate=True
     )
 
 
-async def recent(redis: Redis, limit: int) -> list[dict[str, Any]]:
+async def recent(redis: Client, limit: int) -> list[dict[str, Any]]:
     """Newest first."""
     rows: list[Any] = await redis.xrevrange(keys.AUDIT, count=limit) or []
     return [{"id": _text(entry_id), **orjson.loads(fields[b"entry"])} for entry_id, fields in rows]

@@ -22,11 +22,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .. import history, protocol
 from ..protocol import CloseCode, EventId
+from ..redis_client import Client
 from .metrics import GatewayMetrics
 from .socket import text_frame
 
@@ -41,7 +41,7 @@ class Connection:
         self,
         socket: Socket,
         user: str,
-        redis: Redis,
+        redis: Client,
         max_queue_bytes: int,
         history_reads: asyncio.Semaphore,
         metrics: GatewayMetrics,

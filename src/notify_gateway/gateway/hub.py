@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .. import keys
 from ..protocol import CloseCode, event_id_of
@@ -39,7 +39,6 @@ class Hub:
         metrics: GatewayMetrics,
     ) -> None:
         self._reader = reader
-        self._metrics = metrics
         self._max_per_user = max_per_user
         # Told which student's connection count changed (presence).
         self._on_change = on_change
@@ -48,7 +47,9 @@ class Hub:
         self._fanout = metrics.fanout
         # Frames for one socket from one read of the Pub/Sub connection go out in one write.
         self.batch = WriteBatch()
-        reader.attach(self.dispatch, self.pause, self.resume, self.batch.end)
+        reader.attach(
+            self.dispatch, self.pause, self.resume, self.batch.end, metrics.pubsub_reconnects.inc
+        )
 
     @property
     def connection_count(self) -> int:
@@ -110,22 +111,25 @@ class Hub:
         if published_ms is not None:
             fanout.observe_latency(max(0.0, time.time() - published_ms / 1000))
 
-    def pause(self) -> None:
-        """The Pub/Sub connection dropped: frames published from now on were never seen."""
-        for conns in self._users.values():
-            for conn in conns:
+    def pause(self, channels: Iterable[str]) -> None:
+        """These channels lost their subscription: frames published from now on are unseen."""
+        for user in self._served(channels):
+            for conn in self._users[user]:
                 conn.hold()
 
-    def resume(self) -> None:
-        """Subscriptions are back: fill every connection's gap from history.
+    def resume(self, channels: Iterable[str]) -> None:
+        """These channels are subscribed again: fill their connections' gaps from history.
 
-        Redis may have restarted and lost presence too, so every count is rewritten.
+        Redis may have restarted and lost presence too, so their counts are rewritten.
         """
-        self._metrics.pubsub_reconnects.inc()
-        for user, conns in self._users.items():
+        for user in self._served(channels):
             self._on_change(user)
-            for conn in conns:
+            for conn in self._users[user]:
                 conn.request_catch_up()
+
+    def _served(self, channels: Iterable[str]) -> list[str]:
+        users = (keys.user_of_channel(channel.encode()) for channel in channels)
+        return [user for user in users if user is not None and user in self._users]
 
 
 def _ts(frame: bytes) -> int | None:

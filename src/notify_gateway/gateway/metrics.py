@@ -43,7 +43,8 @@ class GatewayMetrics:
         )
         self.pubsub_reconnects = Counter(
             "notify_gateway_pubsub_reconnects",
-            "Times the Pub/Sub connection was replaced and every client caught up.",
+            "Times a Pub/Sub connection (one per Redis shard) was replaced and its clients "
+            "caught up.",
             registry=r,
         )
 

@@ -17,10 +17,10 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .. import keys
+from ..redis_client import Client
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ HASH_TTL = 86_400
 
 class PresenceWriter:
     def __init__(
-        self, redis: Redis, process_id: str, ttl: int, counts: Callable[[str], int]
+        self, redis: Client, process_id: str, ttl: int, counts: Callable[[str], int]
     ) -> None:
         self._redis = redis
         self._process = process_id
@@ -90,7 +90,7 @@ class PresenceWriter:
             await self._redis.delete(keys.process(self._process))
 
 
-async def count(redis: Redis, user: str) -> int:
+async def count(redis: Client, user: str) -> int:
     """The student's connections on every live gateway process; dead ones are pruned."""
     raw = await redis.hgetall(keys.presence(user))
     counts = {_text(process_id): int(n) for process_id, n in raw.items()}

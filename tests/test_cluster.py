@@ -1,0 +1,284 @@
+"""REDIS_CLUSTER=1: three masters with sharded Pub/Sub, two gateways, two bridges, a failover.
+
+Every test counts every event on every device: a gap is only acceptable right after a
+``resync`` frame (the app is told to refetch), never silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+from redis.crc import key_slot
+from redis.exceptions import RedisError
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from notify_gateway import embedded, keys, redis_client
+from notify_gateway.broker import Notification, Publisher
+from notify_gateway.config import load_history
+
+from .support import (
+    API_KEY,
+    GatewayServer,
+    domain_event,
+    recv_json,
+    settings_env,
+    start_gateway,
+    unique,
+    wait_ready,
+)
+
+CLUSTER = {"REDIS_CLUSTER": "1"}
+
+
+class Device:
+    """One device of a student: reconnects with ``since`` whenever its connection drops.
+
+    ``log`` holds the ``data.sessionCount`` of each event in arrival order, and ``None``
+    where a resync frame arrived.
+    """
+
+    def __init__(self, url: Callable[[str], str], student: str) -> None:
+        self.student = student
+        self._url = url
+        self.log: list[int | None] = []
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        position = "0"
+        while True:
+            with contextlib.suppress(OSError, ConnectionClosed, InvalidStatus, TimeoutError):
+                async with connect(self._url(position), open_timeout=5) as ws:
+                    while True:
+                        frame = await recv_json(ws, timeout=3600)
+                        if frame["type"] == "event":
+                            self.log.append(frame["data"]["sessionCount"])
+                            position = frame["id"]
+                        elif frame["type"] == "resync":
+                            self.log.append(None)
+                            position = frame["last_id"] or "0"
+            await asyncio.sleep(0.1)
+
+    @property
+    def numbers(self) -> list[int]:
+        return [n for n in self.log if n is not None]
+
+    def _alive(self) -> None:
+        if self.task.done():
+            self.task.result()  # a device that crashed fails the test with its own error
+
+    def assert_exactly(self, count: int) -> None:
+        self._alive()
+        assert self.log == list(range(count)), self.student
+
+    def assert_never_silently_stale(self, count: int) -> None:
+        """In order with no hole or repeat, except right after a resync; ends up current."""
+        self._alive()
+        last: int | None = None
+        for n in self.log:
+            if n is None:
+                last = None  # the app refetches: what came before no longer matters
+                continue
+            assert last is None or n == last + 1, (self.student, self.log)
+            last = n
+        assert last == count - 1, (self.student, self.log)
+
+
+def stop_all(devices: list[Device]) -> None:
+    for device in devices:
+        device.task.cancel()
+
+
+def ws_url(gateway: GatewayServer, student: str) -> Callable[[str], str]:
+    return lambda since: gateway.ws_url(student, since=since)
+
+
+async def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        assert loop.time() < deadline, f"not in {within:.0f} s: {what}"
+        await asyncio.sleep(0.05)
+
+
+def shard_of(student: str, cluster: embedded.Cluster) -> int:
+    """Which master serves the student: ``start_redis_cluster`` splits the slots evenly."""
+    slot = key_slot(keys.channel(student).encode())
+    return min(slot // (16384 // cluster.masters), cluster.masters - 1)
+
+
+def spread(cluster: embedded.Cluster, count: int) -> list[str]:
+    """``count`` student ids, the same number on each master."""
+    students: list[str] = []
+    while len(students) < count:
+        student = unique("cs")
+        shard = shard_of(student, cluster)
+        if sum(shard_of(s, cluster) == shard for s in students) < count // cluster.masters:
+            students.append(student)
+    return students
+
+
+async def test_two_gateways_and_two_bridges_deliver_every_event_once_through_rebalances(
+    redis_cluster: embedded.Cluster, kafka_bootstrap: str
+) -> None:
+    topic, group = unique("cluster.events"), unique("group")
+    await embedded.create_topics(kafka_bootstrap, [topic, f"{topic}.dlq"], partitions=4)
+
+    def bridge_env() -> dict[str, str]:
+        return {
+            **os.environ,
+            **settings_env(redis_cluster.address, **CLUSTER),
+            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "NOTIFY_KAFKA_TOPICS": topic,
+            "NOTIFY_KAFKA_GROUP": group,
+            "NOTIFY_DLQ_TOPIC": f"{topic}.dlq",
+            "BRIDGE_PORT": str(embedded.free_port()),
+            "NOTIFY_LOG_LEVEL": "WARNING",
+        }
+
+    students = spread(redis_cluster, 24)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    devices: list[Device] = []
+    spawned: list[Any] = []
+
+    async def produce(numbers: range) -> None:
+        sends = [
+            await producer.send(
+                topic,
+                orjson.dumps(domain_event("SESSIONS_GENERATED", studentId=s, sessionCount=n)),
+                key=s.encode(),
+            )
+            for n in numbers
+            for s in students
+        ]
+        await asyncio.gather(*sends)
+
+    def delivered(count: int) -> bool:
+        return all(len(device.log) >= count for device in devices)
+
+    try:
+        async with (
+            start_gateway(redis_cluster.address, **CLUSTER) as one,
+            start_gateway(redis_cluster.address, **CLUSTER) as two,
+        ):
+            # Each student has a device on each gateway.
+            devices = [Device(ws_url(g, s), s) for s in students for g in (one, two)]
+            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+
+                async def presence(student: str) -> Any:
+                    answer = await http.get(f"{one.url}/api/presence/{student}")
+                    return answer.json()["connections"]
+
+                for student in students:
+                    for _ in range(100):
+                        if await presence(student) == 2:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert await presence(student) == 2, student  # counted across gateways
+
+            first_env = bridge_env()
+            spawned.append(
+                embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "bridge"], first_env)
+            )
+            await produce(range(0, 30))
+            await wait_for(lambda: delivered(30), 60, "the first bridge delivers")
+            # A second bridge joins the group: the partitions are shared out again.
+            spawned.append(
+                embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "bridge"], bridge_env())
+            )
+            await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{first_env['BRIDGE_PORT']}")
+            await produce(range(30, 60))
+            await wait_for(lambda: delivered(60), 60, "both bridges deliver")
+            # The first bridge dies mid-stream: the second takes its partitions.
+            produced = asyncio.create_task(produce(range(60, 90)))
+            await asyncio.sleep(0.05)
+            spawned[0].send_signal(signal.SIGKILL)
+            await produced
+            await wait_for(lambda: delivered(90), 90, "the survivor takes over")
+            await asyncio.sleep(1)  # anything delivered twice would have arrived by now
+            for device in devices:
+                device.assert_exactly(90)
+    finally:
+        stop_all(devices)
+        await producer.stop()
+        for process in spawned:
+            embedded.stop(process)
+
+
+@pytest.fixture
+def failover_cluster() -> Iterator[embedded.Cluster]:
+    """A cluster of this test's own: it loses a master."""
+    cluster = embedded.start_redis_cluster(masters=3, replicas=1)
+    yield cluster
+    cluster.stop()
+
+
+async def test_a_master_failover_leaves_no_client_silently_stale(
+    failover_cluster: embedded.Cluster,
+) -> None:
+    cluster = failover_cluster
+    students = spread(cluster, 30)
+    redis = redis_client.client(cluster.address, cluster=True)
+    publisher = Publisher(redis, load_history({}))
+    sent: dict[str, int] = dict.fromkeys(students, 0)
+    devices: list[Device] = []
+
+    async def publish(student: str) -> None:
+        """The bridge's contract: retry until Redis answers, deduplicated by event id."""
+        n = sent[student]
+        notification = Notification(student, "E", {"sessionCount": n}, dedupe_key=f"{student}-{n}")
+        while True:
+            try:
+                await publisher.publish(notification)
+                break
+            except RedisError:
+                await asyncio.sleep(0.1)
+        sent[student] = n + 1
+
+    async def publish_rounds(rounds: int) -> None:
+        for _ in range(rounds):
+            await asyncio.gather(*(publish(s) for s in students))
+            await asyncio.sleep(0.02)
+
+    try:
+        async with start_gateway(cluster.address, **CLUSTER) as gateway:
+            devices = [Device(ws_url(gateway, s), s) for s in students]
+            await wait_for(lambda: gateway.gateway.hub.connection_count == 30, 20, "connected")
+            await publish_rounds(20)
+            await wait_for(lambda: all(len(d.log) >= 20 for d in devices), 20, "delivered")
+            # Kill the master of the first third of the slots; its replica takes over.
+            victim = cluster.nodes[0]
+            rounds = asyncio.create_task(publish_rounds(40))
+            await asyncio.sleep(0.2)
+            victim.process.send_signal(signal.SIGKILL)
+            await rounds
+            # Once the gateway follows the new master, events flow live again.
+            await wait_for(lambda: gateway.gateway.reader.delivering, 30, "delivering again")
+            await publish_rounds(5)
+            await wait_for(
+                lambda: all(d.numbers[-1:] == [sent[d.student] - 1] for d in devices),
+                60,
+                "every device current after the failover",
+            )
+            await asyncio.sleep(0.5)
+            for device in devices:
+                device.assert_never_silently_stale(sent[device.student])
+            # Students on the untouched masters noticed nothing.
+            survivors = [d for d in devices if shard_of(d.student, cluster) != 0]
+            for device in survivors:
+                device.assert_exactly(sent[device.student])
+            assert gateway.gateway.reader.delivering
+    finally:
+        stop_all(devices)
+        await redis.aclose()
