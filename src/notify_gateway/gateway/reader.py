@@ -355,7 +355,9 @@ class _Shard:
             raise ConnectionLost(f"redis refused: {error}")
         command, channel = self._sent[0]
         self._answered(channel)
-        if command == b"SSUBSCRIBE" and str(error).encode().startswith(_RELOCATED):
+        if str(error).encode().startswith(_RELOCATED):
+            if command == b"SUNSUBSCRIBE":
+                return  # a channel released after its slot had already moved: not here
             if channel == self.probe_channel:
                 self._reader.refresh()  # the next slot map gives this shard a new probe
             else:
