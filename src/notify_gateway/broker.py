@@ -2,10 +2,11 @@
 
 One Lua script does, atomically for one student: skip a notification whose dedupe key was
 already published (returning the original id), start a new history incarnation (epoch) if
-the student has none or the node was promoted from replica since, take the next sequence
-number, append the finished event frame to the bounded history stream, refresh the expiry,
-and SPUBLISH the same frame on the student's channel. Because history and live delivery come from a single
-step, a gateway that reads history after subscribing can never see a hole between them.
+the student has none or its keys now live on another node (a promoted replica, a migrated
+slot), take the next sequence number, append the finished event frame to the bounded
+history stream, refresh the expiry, and SPUBLISH the same frame on the student's channel.
+Because history and live delivery come from a single step, a gateway that reads history
+after subscribing can never see a hole between them.
 
 The channel is a shard channel (SPUBLISH, Redis >= 7) on a single node and in a cluster
 alike: in a cluster it then goes only to the nodes of its slot's shard, where the
