@@ -23,6 +23,8 @@ this load client on core 1 (where the OS allows pinning), then runs:
 - bridge: events/s a bridge publishes while draining a backlog, from its own metrics (no
   client is connected, so the gateway is idle).
 - resume: 1,000 clients reconnecting at once, each owed 100 missed events.
+- scale: per-user fan-out at C=5,000 with 1 vs 2 gateway processes (``--processes 2``,
+  SO_REUSEPORT) and 1 Redis vs a 3-master Redis Cluster (REDIS_CLUSTER=1), nothing pinned.
 
 Every event is counted; latency is receive time minus send time, both on this process's
 monotonic clock.
@@ -46,12 +48,12 @@ from pathlib import Path
 import orjson
 import uvloop
 from aiokafka import AIOKafkaProducer
-from redis.asyncio import Redis
+from redis.crc import key_slot
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wsload import Client, Stats, connect_many, publish_open_loop, resp
 
-from notify_gateway import config, embedded, keys
+from notify_gateway import config, embedded, keys, redis_client
 from notify_gateway.broker import _PUBLISH
 from notify_gateway.gateway.auth import mint
 
@@ -73,20 +75,29 @@ def pin(pid: int, core: int) -> None:
 
 
 class Process:
-    """CPU time and memory of a child, read from /proc."""
+    """CPU time and memory of a child and its own children (``--processes N``), from /proc."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
 
+    def _pids(self) -> list[int]:
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        return [self.pid, *map(int, children)]
+
     def cpu(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        total = 0
+        for pid in self._pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / CLK_TCK
 
     def memory_kb(self, field: str) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise KeyError(field)
+        total = 0
+        for pid in self._pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1])
+        return total
 
 
 def own_cpu() -> float:
@@ -95,9 +106,34 @@ def own_cpu() -> float:
 
 
 @dataclass
+class Target:
+    """Where notifications are published: one Redis, or the primaries of a cluster."""
+
+    address: str
+    ports: list[int]
+    # Per slot, the index in ``ports`` of the primary serving it.
+    owners: list[int]
+    cluster: bool = False
+
+    def route(self, user: str) -> int:
+        return self.owners[key_slot(keys.channel(user).encode())]
+
+
+def single(redis: embedded.Server) -> Target:
+    return Target(redis.address, [redis.port], [0] * 16384)
+
+
+def clustered(cluster: embedded.Cluster) -> Target:
+    masters = [node.port for node in cluster.nodes[: cluster.masters]]
+    per = 16384 // cluster.masters
+    owners = [min(slot // per, cluster.masters - 1) for slot in range(16384)]
+    return Target(cluster.address, masters, owners, cluster=True)
+
+
+@dataclass
 class Stack:
     env: dict[str, str]
-    redis_port: int
+    target: Target
     gateway_port: int
     gateway: Process
     jwt: config.JwtSettings
@@ -108,11 +144,16 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def gateway_stack(redis: embedded.Server, **extra: str) -> AsyncIterator[Stack]:
+async def gateway_stack(
+    redis: embedded.Server | Target, processes: int = 1, pinned: bool = True, **extra: str
+) -> AsyncIterator[Stack]:
+    """A gateway of ``processes`` processes, pinned to the server core when ``pinned``."""
+    target = redis if isinstance(redis, Target) else single(redis)
     port = embedded.free_port()
     env = {
         **os.environ,
-        "REDIS_URL": redis.address,
+        "REDIS_URL": target.address,
+        "REDIS_CLUSTER": "1" if target.cluster else "0",
         "NOTIFY_JWT_SECRET": SECRET,
         "NOTIFY_HOST": "127.0.0.1",
         "PORT": str(port),
@@ -120,11 +161,17 @@ async def gateway_stack(redis: embedded.Server, **extra: str) -> AsyncIterator[S
         "NOTIFY_MAX_CONNECTIONS_PER_USER": "10000",
         **extra,
     }
-    process = embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "gateway"], env)
-    pin(process.pid, SERVER_CORE)
+    command = [sys.executable, "-m", "notify_gateway.cli", "gateway"]
+    if processes > 1:
+        command += ["--processes", str(processes)]
+    process = embedded.spawn(command, env)
+    if pinned:
+        pin(process.pid, SERVER_CORE)  # children inherit it
     try:
         await wait_http(port)
-        yield Stack(env, redis.port, port, Process(process.pid), config.load_jwt(env))
+        if processes > 1:
+            await asyncio.sleep(2)  # every process up, not just the first to answer
+        yield Stack(env, target, port, Process(process.pid), config.load_jwt(env))
     finally:
         embedded.stop(process)
 
@@ -222,15 +269,19 @@ class Report:
 class Publisher:
     """Pre-encodes one student's publish so the open loop only formats the timestamps."""
 
-    def __init__(self, sha: bytes, mode: str, order: list[str]) -> None:
+    def __init__(
+        self, sha: bytes, mode: str, order: list[str], target: Target | None = None
+    ) -> None:
         self._sha = sha
         self._mode = mode
         # The student of the n-th message is order[n % len(order)].
         self._order = order
         self._seq: dict[str, int] = {}
+        self._route = {u: target.route(u) for u in set(order)} if target else {}
 
-    def nth(self, n: int) -> bytes:
-        return self.command(self._order[n % len(self._order)])
+    def nth(self, n: int) -> tuple[int, bytes]:
+        user = self._order[n % len(self._order)]
+        return self._route.get(user, 0), self.command(user)
 
     def command(self, user: str) -> bytes:
         t = time.perf_counter_ns()
@@ -263,7 +314,7 @@ async def run_steps(
     for rate in rates:
         stats.reset()
         server0, load0, wall0 = stack.gateway.cpu(), own_cpu(), time.monotonic()
-        sent = await publish_open_loop(stack.redis_port, rate, seconds, publisher.nth)
+        sent = await publish_open_loop(stack.target.ports, rate, seconds, publisher.nth)
         published = time.monotonic()
         await drain(stats, sent * per_message)
         elapsed = time.monotonic() - wall0
@@ -287,10 +338,13 @@ async def run_steps(
     return steps
 
 
-async def script_sha(redis: embedded.Server) -> bytes:
-    client = Redis.from_url(redis.address)
+async def script_sha(redis: embedded.Server | Target) -> bytes:
+    """Load the publish script (on every primary of a cluster)."""
+    target = redis if isinstance(redis, Target) else single(redis)
+    client = redis_client.client(target.address, target.cluster)
     try:
-        return (await client.script_load(_PUBLISH)).encode()
+        sha = await client.script_load(_PUBLISH)
+        return (sha if isinstance(sha, str) else sha.decode()).encode()
     finally:
         await client.aclose()
 
@@ -488,7 +542,7 @@ async def resume(redis: embedded.Server, _args: argparse.Namespace, out: Report)
         users = [f"resume-{i}" for i in range(conns)]
         publisher = Publisher(sha, "contract", users)
         await publish_open_loop(
-            stack.redis_port, 50_000, conns * missed / 50_000,
+            stack.target.ports, 50_000, conns * missed / 50_000,
             publisher.nth,
         )  # fmt: skip
         await asyncio.sleep(1)
@@ -510,12 +564,59 @@ async def resume(redis: embedded.Server, _args: argparse.Namespace, out: Report)
             client.close()
 
 
+async def scale(_redis: embedded.Server, args: argparse.Namespace, out: Report) -> None:
+    """Per-user fan-out at C=5,000: 1 vs 2 gateway processes, 1 Redis vs 3 masters.
+
+    Nothing is pinned here: gateways, Redis (or the three masters) and this load client
+    share both cores, as on one small host, so each layout gets the same machine.
+    """
+    conns = 5000
+    rates = [10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000]
+    everywhere = set(range(os.cpu_count() or 1))
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setaffinity(0, everywhere)
+    redis = embedded.start_redis()
+    cluster = embedded.start_redis_cluster(masters=3)
+    layouts = [
+        (single(redis), 1, "contract"),
+        (single(redis), 2, "contract"),
+        (clustered(cluster), 1, "contract"),
+        (clustered(cluster), 2, "contract"),
+        (single(redis), 1, "publish"),
+        (single(redis), 2, "publish"),
+    ]
+    try:
+        for target, processes, mode in layouts:
+            sha = await script_sha(target)
+            redis_label = "3 masters" if target.cluster else "1 Redis"
+            name = f"{processes} gw proc, {redis_label}, {mode}"
+            async with gateway_stack(target, processes, pinned=False) as stack:
+                users = [f"scale-{processes}-{len(target.ports)}-{mode}-{i}" for i in range(conns)]
+                stats = Stats()
+                clients = await connect_many(
+                    stack.gateway_port, [stack.path(u) for u in users], stats
+                )
+                order = random.Random(name).choices(users, k=int(max(rates) * args.seconds))
+                publisher = Publisher(sha, mode, order, target)
+                steps = await run_steps(stack, name, rates, args.seconds, stats, publisher, 1)
+                for client in clients:
+                    client.close()
+            best = max((s.rate for s in steps if s.sustained), default=0)
+            out.headline(f"scale-out, C={conns}: {name}", f"{best:,.0f} msgs/s", "")
+            out.details.extend(s.row() for s in steps)
+    finally:
+        redis.stop()
+        cluster.stop()
+        pin(os.getpid(), LOAD_CORE)
+
+
 SCENARIOS = {
     "fanout": fanout,
     "broadcast": broadcast,
     "idle": idle,
     "kafka": kafka_paths,
     "resume": resume,
+    "scale": scale,
 }
 
 

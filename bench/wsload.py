@@ -13,7 +13,7 @@ import asyncio
 import base64
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -158,11 +158,17 @@ class _Replies(asyncio.Protocol):
 
 
 async def publish_open_loop(
-    redis_port: int, rate: float, seconds: float, command: Callable[[int], bytes]
+    redis_ports: Sequence[int],
+    rate: float,
+    seconds: float,
+    command: Callable[[int], tuple[int, bytes]],
 ) -> int:
-    """Send ``command(n)`` at ``rate`` per second for ``seconds``; returns how many were sent."""
+    """Send ``command(n)`` at ``rate`` per second for ``seconds``; returns how many were sent.
+
+    ``command`` names the index of the port (a cluster's primary) each command goes to.
+    """
     loop = asyncio.get_running_loop()
-    transport, replies = await loop.create_connection(_Replies, "127.0.0.1", redis_port)
+    links = [await loop.create_connection(_Replies, "127.0.0.1", port) for port in redis_ports]
     sent = 0
     start = time.perf_counter()
     total = int(rate * seconds)
@@ -170,11 +176,18 @@ async def publish_open_loop(
         while sent < total:
             due = min(total, int((time.perf_counter() - start) * rate) + 1)
             if due > sent:
-                transport.write(b"".join(command(n) for n in range(sent, due)))
+                batches: list[list[bytes]] = [[] for _ in links]
+                for n in range(sent, due):
+                    index, packed = command(n)
+                    batches[index].append(packed)
+                for (transport, _), batch in zip(links, batches, strict=True):
+                    if batch:
+                        transport.write(b"".join(batch))
                 sent = due
             await asyncio.sleep(0.001)
-        while replies.count < sent:
+        while sum(replies.count for _, replies in links) < sent:
             await asyncio.sleep(0.001)
     finally:
-        transport.close()
+        for transport, _ in links:
+            transport.close()
     return sent

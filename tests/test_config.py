@@ -15,6 +15,12 @@ def test_gateway_defaults() -> None:
     assert settings.history.size == 100
     assert settings.history.ttl == 86_400
     assert settings.api_keys == {}
+    assert settings.redis_cluster is False
+
+
+def test_redis_cluster_switch() -> None:
+    assert config.load_gateway({**BASE, "REDIS_CLUSTER": "1"}).redis_cluster
+    assert not config.load_gateway({**BASE, "REDIS_CLUSTER": "0"}).redis_cluster
 
 
 @pytest.mark.parametrize(
@@ -22,6 +28,9 @@ def test_gateway_defaults() -> None:
     [
         ({"REDIS_URL": ""}, "REDIS_URL"),
         ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        ({"REDIS_CLUSTER": "yes"}, "REDIS_CLUSTER"),
+        ({"REDIS_CLUSTER": "1", "REDIS_URL": "unix:///tmp/redis.sock"}, "REDIS_CLUSTER"),
+        ({"REDIS_CLUSTER": "1", "REDIS_URL": "redis://127.0.0.1:7000/3"}, "REDIS_URL"),
         ({"PORT": "eighty"}, "PORT"),
         ({"PORT": "70000"}, "PORT"),
         ({"NOTIFY_JWT_SECRET": ""}, "NOTIFY_JWT_SECRET"),
