@@ -347,8 +347,11 @@ class _Shard:
         self._outstanding[channel] -= 1
         if not self._outstanding[channel]:
             del self._outstanding[channel]
-        with contextlib.suppress(ValueError):
-            self._sent.remove(next(s for s in self._sent if s[1] == channel))
+        # Replies come in command order, so this is almost always the head.
+        for index, (_, sent) in enumerate(self._sent):
+            if sent == channel:
+                del self._sent[index]
+                break
 
     def _refused(self, error: hiredis.ReplyError) -> None:
         if not self._sent or self._sent[0][0] == b"AUTH":
@@ -411,6 +414,7 @@ class Reader:
         self.options: dict[str, Any] = dict(parse_url(redis_url))
         self._process = process_id
         self._shards: dict[Address, _Shard] = {}
+        self._map: list[tuple[int, int, Address]] = []
         self._owners: list[Address] = []
         # Channels displaced from their shard, waiting for the next slot map.
         self._homeless: set[str] = set()
@@ -496,6 +500,9 @@ class Reader:
         return [(start, end, tuple(shard["primary"])) for (start, end), shard in slots.items()]
 
     def _apply(self, slot_map: list[tuple[int, int, Address]]) -> None:
+        if slot_map == self._map and not self._homeless:
+            return  # the usual case: nothing moved, no channel to re-check
+        self._map = slot_map
         owners: list[Address] = [None] * HASH_SLOTS
         for start, end, address in slot_map:
             owners[start : end + 1] = [address] * (end - start + 1)
