@@ -135,6 +135,7 @@ class _Shard:
         self.address = address
         self._reader = reader
         self.probe_channel = probe_channel
+        self._probe_bytes = probe_channel.encode()  # compared with every message
         self._probe_seen = 0.0
         self.wanted: set[str] = set()
         self._confirmed: set[str] = set()
@@ -199,6 +200,7 @@ class _Shard:
     def move_probe(self, channel: str) -> None:
         self._send(b"SUNSUBSCRIBE", self.probe_channel)
         self.probe_channel = channel
+        self._probe_bytes = channel.encode()
         self._probe_seen = time.monotonic()  # give the new channel a full deadline
         self._send(b"SSUBSCRIBE", channel)
 
@@ -326,7 +328,7 @@ class _Shard:
             return
         kind = reply[0]
         if kind == b"smessage":
-            if reply[1] == self.probe_channel.encode():
+            if reply[1] == self._probe_bytes:
                 self._probe_seen = time.monotonic()
             else:
                 self._reader.on_message(reply[1], reply[2])
