@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 from websockets.sync.client import connect
 
 from notify_gateway import embedded
@@ -41,9 +42,11 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly() -> None:
+@pytest.mark.parametrize("cluster", ["0", "1"], ids=["single", "cluster"])
+def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly(cluster: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "REDIS_", "KAFKA_"))}
     env["PORT"] = str(embedded.free_port())
+    env["REDIS_CLUSTER"] = cluster  # "1": an embedded 3-master Redis Cluster
     started = time.monotonic()
     dev = subprocess.Popen(
         [sys.executable, "-m", "notify_gateway.cli", "dev"],
@@ -73,7 +76,8 @@ def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly() -> 
         assert frame["event"] == "COURSE_PURCHASED"
         assert frame["data"]["purchaseTier"] == 30
         family = descendants(dev.pid)
-        assert len(family) >= 4  # valkey-server, tansu, bridge, gateway
+        # valkey-server (three with a cluster), tansu, bridge, gateway
+        assert len(family) >= (6 if cluster == "1" else 4)
     finally:
         dev.send_signal(signal.SIGTERM)
         code = dev.wait(20)

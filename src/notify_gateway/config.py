@@ -65,11 +65,16 @@ def _redis_url(env: Mapping[str, str]) -> str:
     return url
 
 
-def _redis_cluster(env: Mapping[str, str], url: str) -> bool:
+def load_redis_cluster(env: Mapping[str, str]) -> bool:
+    """The ``REDIS_CLUSTER`` switch alone (``notify dev`` starts a cluster on it)."""
     raw = (_get(env, "REDIS_CLUSTER") or "0").lower()
     if raw not in ("0", "1", "false", "true"):
         raise ConfigError("REDIS_CLUSTER", f"must be 1 or 0, got {raw!r}")
-    cluster = raw in ("1", "true")
+    return raw in ("1", "true")
+
+
+def _redis_cluster(env: Mapping[str, str], url: str) -> bool:
+    cluster = load_redis_cluster(env)
     if cluster and urlsplit(url).scheme == "unix":
         raise ConfigError("REDIS_CLUSTER", "a cluster is reached over TCP, not a unix:// URL")
     if cluster and urlsplit(url).path.strip("/") not in ("", "0"):

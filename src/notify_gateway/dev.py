@@ -1,9 +1,9 @@
 """``notify dev``: the whole stack on one machine, from nothing but installed wheels.
 
-It starts what is not given (valkey-server unless ``REDIS_URL``, tansu unless
-``KAFKA_BOOTSTRAP_SERVERS``), creates the topics, runs the bridge and the gateway as child
-processes exactly as the Procfile would, prints how to watch an event arrive, and stops
-everything it started on Ctrl-C or SIGTERM.
+It starts what is not given (valkey-server unless ``REDIS_URL``, a 3-master Redis Cluster
+of them with ``REDIS_CLUSTER=1``, tansu unless ``KAFKA_BOOTSTRAP_SERVERS``), creates the
+topics, runs the bridge and the gateway as child processes exactly as the Procfile would,
+prints how to watch an event arrive, and stops everything it started on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -61,12 +61,13 @@ def _wait_ready(url: str, children: list[subprocess.Popen[bytes]]) -> None:
 
 def run_dev() -> int:
     env = dict(os.environ)
-    started: list[embedded.Server] = []
+    started: list[embedded.Server | embedded.Cluster] = []
     children: list[subprocess.Popen[bytes]] = []
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
         if not env.get("REDIS_URL"):
-            started.append(embedded.start_redis())
+            cluster = config.load_redis_cluster(env)
+            started.append(embedded.start_redis_cluster() if cluster else embedded.start_redis())
             env["REDIS_URL"] = started[-1].address
         if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
             started.append(embedded.start_kafka())
