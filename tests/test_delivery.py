@@ -178,6 +178,38 @@ async def test_flushall_is_detected_by_the_epoch(
     await redis.aclose()
 
 
+async def test_a_history_from_another_node_reaches_connected_clients_as_a_resync(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    """What a failover looks like to a connected client, on one node.
+
+    A promoted replica serves the history under another replication id and may lack its
+    newest events; the next publish starts a new epoch. Its first event (seq 1) must not be
+    taken as simply the next one: the client gets a resync.
+    """
+    pub = publisher(redis)
+    ws, _ = await open_client(gateway.ws_url(student))
+    old = await publish_numbered(pub, student, range(3))
+    assert numbers(await events(ws, 3)) == [0, 1, 2]
+    await redis.hset(keys.meta(student), "replid", "0" * 40)  # written on another node
+    # A client resuming now is told at once, before any new event.
+    other, welcome = await open_client(gateway.ws_url(student, since=old[-1]))
+    assert welcome["recovered"] is False
+    assert (await recv_json(other))["reason"] == "history epoch changed"
+    await other.close()
+    [new] = await publish_numbered(pub, student, range(3, 4))
+    assert new.split("-")[0] != old[0].split("-")[0]
+    assert new.endswith("-1")
+    assert await recv_json(ws) == {
+        "type": "resync",
+        "reason": "history epoch changed",
+        "last_id": new,
+    }
+    await publish_numbered(pub, student, range(4, 5))
+    assert numbers(await events(ws, 1)) == [4]
+    await ws.close()
+
+
 async def test_redis_restart_resyncs_connected_clients(
     private_redis: embedded.Server, student: str
 ) -> None:

@@ -29,23 +29,38 @@ async def current(redis: Client, user: str) -> EventId | None:
     return _id(epoch, seq)
 
 
+# KEYS: meta, history. ARGV: the XRANGE start. One atomic read of the sequence, the entries
+# after the client's position, and whether this node is the one the history was written on
+# (see the publish script in broker.py: a promoted replica may lack its last events).
+_READ = """
+local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'replid')
+local here = meta[3] == replid and 1 or 0
+return {meta[1], meta[2], here, redis.call('XRANGE', KEYS[2], ARGV[1], '+')}
+"""
+
+
 async def after(redis: Client, user: str, position: EventId | None) -> Replay:
     """Every event after ``position`` (None: from the history's first event), or a resync."""
     after_seq = 0 if position is None else position.seq
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hmget(keys.meta(user), ["epoch", "seq"])
-        pipe.xrange(keys.history(user), min=f"(0-{after_seq}", max="+")
-        meta, entries = await pipe.execute()
-    last = _id(*meta)
+    epoch, seq, here, entries = await redis.eval(
+        _READ, 2, keys.meta(user), keys.history(user), f"(0-{after_seq}"
+    )
+    last = _id(epoch, seq)
     if last is None:
         # No history at all: fine for a client that has seen nothing, a loss for one that has.
         return Replay([], None, None if position is None else "history expired")
-    if position is not None and position.epoch != last.epoch:
+    if position is not None and (position.epoch != last.epoch or not here):
+        # Not here: the history moved to another node since its last event (a failover or
+        # a slot migration) and may have lost its newest events; the next publish starts
+        # a new epoch anyway.
         return Replay([], last, "history epoch changed")
     if after_seq > last.seq:
         return Replay([], last, "unknown id")
+    # Each entry: [id, ["f", frame]], as the script returns it.
     frames = [
-        (EventId(last.epoch, int(entry_id.split(b"-")[1])), f[b"f"]) for entry_id, f in entries
+        (EventId(last.epoch, int(entry_id.split(b"-")[1])), fields[1])
+        for entry_id, fields in entries
     ]
     # The first missed event must directly follow the client's position, or some were
     # trimmed away; entries past ``last`` cannot appear inside one transaction.

@@ -27,6 +27,7 @@ from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
 # No command here blocks on the server, so a reply slower than this means a frozen or
 # unreachable Redis: fail, and let the caller's retry (or resync) take over.
@@ -34,6 +35,11 @@ SOCKET_TIMEOUT = 5.0
 
 # What every module that talks to Redis accepts: the commands they use exist on both.
 Client = Redis | RedisCluster
+
+# Redis did not answer, or answered with an error. Catch this, not RedisError: redis-py's
+# cluster client raises RedisClusterException, which is not a RedisError, when it cannot
+# reach any node (a gateway started before its cluster, a network blip).
+UNAVAILABLE: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
 
 
 class _HiredisPacking:

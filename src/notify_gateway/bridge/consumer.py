@@ -25,7 +25,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from .. import redis_client
 from ..broker import Publisher, parse_result
@@ -195,7 +195,10 @@ class Bridge:
             )
 
     async def _publish(self, items: list[_Item]) -> None:
-        """All Redis work of the batch in one pipeline, in Kafka order.
+        """All Redis work of the batch: its cache keys first, then its publishes in Kafka order.
+
+        Two pipelines, not one: a cluster runs each node's share of a pipeline concurrently,
+        and a push must never overtake the DEL of the cache the app will refetch.
 
         A connection error raises and the whole batch is retried (the dedupe keys make that
         safe), and so does any error that says nothing about the event itself: NOSCRIPT
@@ -204,17 +207,17 @@ class Bridge:
         dead-lettered. A payload that cannot be encoded is dead-lettered before it is sent.
         """
         work = [item for item in items if item.outcome is not None]
-        if not work:
-            return
-        # For each pipeline slot: the item it belongs to, and the event name if a publish.
-        slots: list[tuple[_Item, str | None]] = []
+        stale = [key for item in work if item.outcome for key in item.outcome.cache_keys]
+        if stale:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in stale:  # one DEL per key: in a cluster they may sit in any slot
+                    pipe.delete(key)
+                await pipe.execute()
+        # For each pipeline slot: the item it belongs to, and the event it publishes.
+        slots: list[tuple[_Item, str]] = []
         async with self._redis.pipeline(transaction=False) as pipe:
             for item in work:
                 assert item.outcome is not None
-                # One DEL per key: in a cluster the keys of one event may sit in any slot.
-                for key in item.outcome.cache_keys:
-                    pipe.delete(key)
-                    slots.append((item, None))
                 for notification in item.outcome.notifications:
                     try:
                         self._publisher.queue(notification, pipe)
@@ -222,17 +225,19 @@ class Bridge:
                         item.reason = f"data cannot be encoded as JSON: {exc}"
                         continue
                     slots.append((item, notification.event))
-            results = await self._publisher.execute(pipe, raise_on_error=False)
+            results = await self._publisher.execute(pipe, raise_on_error=False) if slots else []
         for result in results:
-            if isinstance(result, ResponseError) and not _event_specific(result):
+            # A cluster pipeline returns a node's connection error as that command's result.
+            specific = isinstance(result, ResponseError) and _event_specific(result)
+            if isinstance(result, Exception) and not specific:
                 raise result
         now = datetime.now(UTC)
         for (item, event), result in zip(slots, results, strict=True):
             if isinstance(result, ResponseError):
                 item.reason = f"redis rejected the event's work: {result}"
-            elif event is not None and parse_result(result).duplicate:
+            elif parse_result(result).duplicate:
                 self.metrics.deduplicated.inc()
-            elif event is not None:
+            else:
                 self.metrics.published.labels(event).inc()
         for item in work:
             assert item.outcome is not None
@@ -250,7 +255,7 @@ class Bridge:
         while True:
             try:
                 await step()
-            except (RedisError, KafkaError, TimeoutError, OSError) as exc:
+            except (*redis_client.UNAVAILABLE, KafkaError, TimeoutError) as exc:
                 if not failing:
                     log.warning("%s failed (%s); retrying until it succeeds", what, exc)
                     failing = True

@@ -19,7 +19,6 @@ from typing import Any
 
 import orjson
 from redis.asyncio import RedisCluster
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -27,7 +26,7 @@ from starlette.routing import Route
 from .. import history, keys
 from ..broker import Notification, Publisher, parse_result
 from ..config import GatewaySettings
-from ..redis_client import Client
+from ..redis_client import UNAVAILABLE, Client
 from . import audit, openapi, presence, schema
 from .auth import bearer, mint
 from .schema import WATCH_TOKEN_TTL, ApiError
@@ -90,7 +89,7 @@ class Api:
                 return await endpoint(request, caller)
             except ApiError as exc:
                 return _error(exc)
-            except RedisError as exc:
+            except UNAVAILABLE as exc:
                 log.warning("api request failed, Redis unavailable: %s", exc)
                 return _error(ApiError(503, "unavailable", "storage unavailable, retry later"))
 
@@ -158,18 +157,20 @@ class Api:
             data["reason"] = update.reason
         notification = Notification(update.student_id, update.event, data, update.invalidate)
         # Cache first, then the push, as in the bridge: an app that refetches on the event
-        # must not read the stale cache.
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in cache_keys:
-                pipe.delete(key)
-            self._publisher.queue(notification, pipe)
-            *deleted, published = await self._publisher.execute(pipe)
-        event_id = str(parse_result(published).id)
+        # must not read the stale cache. Two steps, not one pipeline: a cluster runs each
+        # node's share of a pipeline concurrently, so the push could overtake a DEL.
+        deleted: list[int] = []
+        if cache_keys:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in cache_keys:
+                    pipe.delete(key)
+                deleted = await pipe.execute()
+        event_id = str((await self._publisher.publish(notification)).id)
         # The push went out: from here a Redis hiccup must not turn into an error that
         # invites the operator to push twice. Presence and the audit entry are best effort.
         try:
             connections: int | None = await presence.count(self._redis, update.student_id)
-        except RedisError as exc:
+        except UNAVAILABLE as exc:
             log.warning("trigger-update: presence unavailable: %s", exc)
             connections = None
         result = {
@@ -188,7 +189,7 @@ class Api:
         }
         try:
             await audit.append(self._redis, entry)
-        except RedisError:
+        except UNAVAILABLE:
             log.exception("trigger-update pushed %s but could not be audited: %s", event_id, entry)
         return JSONResponse(result)
 

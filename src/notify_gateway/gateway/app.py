@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
@@ -127,7 +126,7 @@ class Gateway:
         )
         try:
             await conn.start(admission.since)
-        except RedisError as exc:
+        except redis_client.UNAVAILABLE as exc:
             log.warning("history unavailable, closing a connection: %s", exc)
             conn.close(CloseCode.TRY_AGAIN_LATER)
         except BaseException:

@@ -22,11 +22,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
-
 from .. import history, protocol
 from ..protocol import CloseCode, EventId
-from ..redis_client import Client
+from ..redis_client import UNAVAILABLE, Client
 from .metrics import GatewayMetrics
 from .socket import text_frame
 
@@ -105,13 +103,17 @@ class Connection:
             return
         if event_id is not None:
             last = self._last
-            if last is not None and event_id.epoch == last.epoch:
+            if last is None:
+                in_order = event_id.seq == 1  # a history's first event
+            elif event_id.epoch == last.epoch:
                 if event_id.seq <= last.seq:
                     return  # already queued from history
                 in_order = event_id.seq == last.seq + 1
             else:
-                # A new history incarnation starts at 1; anything else means frames were missed.
-                in_order = event_id.seq == 1
+                # A new incarnation. The old one may have ended with events this client
+                # never got (a failover loses the primary's last writes): only the history
+                # can tell, and it answers with a resync.
+                in_order = False
             if not in_order:
                 self.hold()
                 self._hold(event_id, frame, size)
@@ -156,7 +158,7 @@ class Connection:
                     self._apply(replay)
                 # Releasing the held frames may reveal another hole, which asks again.
                 self._go_live()
-        except RedisError as exc:
+        except UNAVAILABLE as exc:
             log.warning("catch-up failed for a connection, closing it: %s", exc)
             self.close(CloseCode.TRY_AGAIN_LATER)
         except Exception:

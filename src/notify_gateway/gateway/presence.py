@@ -17,10 +17,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from redis.exceptions import RedisError
-
 from .. import keys
-from ..redis_client import Client
+from ..redis_client import UNAVAILABLE, Client
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +59,7 @@ class PresenceWriter:
                     await self._redis.set(keys.process(self._process), 1, ex=self._ttl)
                     next_beat = loop.time() + self._refresh
                 await self._flush()
-            except (RedisError, OSError) as exc:
+            except UNAVAILABLE as exc:
                 log.warning("presence update failed, will retry: %s", exc)
                 await asyncio.sleep(1.0)
                 self._wakeup.set()
@@ -86,7 +84,7 @@ class PresenceWriter:
 
     async def withdraw(self) -> None:
         """On shutdown: drop this process's heartbeat so its counts vanish at once."""
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*UNAVAILABLE):
             await self._redis.delete(keys.process(self._process))
 
 

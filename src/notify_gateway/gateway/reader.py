@@ -47,9 +47,8 @@ from redis.asyncio.connection import (
     parse_url,
 )
 from redis.crc import key_slot
-from redis.exceptions import RedisError
 
-from ..redis_client import Client
+from ..redis_client import UNAVAILABLE, Client
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +76,10 @@ def _tls(address: dict[str, Any]) -> ssl.SSLContext:
 
 class ConnectionLost(Exception):
     pass
+
+
+# A connection to drop and replace: it failed, went silent, or Redis refused it.
+_DROPPED: tuple[type[Exception], ...] = (ConnectionLost, TimeoutError, *UNAVAILABLE)
 
 
 class _Moved(Exception):
@@ -144,15 +147,18 @@ class _Shard:
         # them must trigger a catch-up. Collected per socket read and handed over together.
         self._adopted: set[str] = set()
         self._recovered: list[str] = []
-        # Per channel, commands sent whose reply has not arrived. A subscribe reply confirms
-        # a channel only when nothing newer is outstanding: an old reply must not vouch for
-        # a channel whose SUNSUBSCRIBE (and new SSUBSCRIBE) are still on their way.
-        self._outstanding: Counter[str] = Counter()
-        # Every command sent, oldest first: Redis answers in order, so an error reply
-        # belongs to the oldest command not yet answered.
+        # Every command sent whose reply has not arrived, oldest first: Redis answers in
+        # order, so each reply (or error) belongs to the oldest one.
         self._sent: deque[tuple[bytes, str]] = deque()
+        # The same, counted per channel. A subscribe reply confirms a channel only when
+        # nothing newer is outstanding: an old reply must not vouch for a channel whose
+        # SUNSUBSCRIBE (and new SSUBSCRIBE) are still on their way.
+        self._outstanding: Counter[str] = Counter()
         self._wire: _Wire | None = None
         self.connected = False
+        # Channels were subscribed on a connection that dropped: everything they carry
+        # must be caught up once they are subscribed again.
+        self._gap = False
         self._down_logged = False
         self.task: asyncio.Task[None] | None = None
 
@@ -214,26 +220,25 @@ class _Shard:
     async def run(self) -> None:
         """Read forever, reconnecting with capped backoff; cancel to stop."""
         backoff = _BACKOFF_MIN
-        first = True
         while True:
             try:
                 wire = await self._connect()
                 self._wire = wire
-                if not first:
+                recovering, self._gap = self._gap, False
+                if recovering:
                     # Everything published while disconnected was missed.
                     self._adopted |= self.wanted
                 await self._restore(wire)
                 self._probe_seen = time.monotonic()
                 self.connected = True
                 self._reader.shard_changed()
-                if not first:
+                if recovering:
                     log.info("pubsub reconnected to %s; catching up", self._name)
                     self._reader.reconnected()
                 self._down_logged = False
-                first = False
                 backoff = _BACKOFF_MIN
                 await self._watch(wire)
-            except (ConnectionLost, RedisError, OSError, TimeoutError) as exc:
+            except _DROPPED as exc:
                 self._lost(f"pubsub connection to {self._name} lost: {exc or type(exc).__name__}")
             except Exception:
                 # Anything unexpected must not end the reader: connections would stay open
@@ -250,8 +255,11 @@ class _Shard:
         return "redis" if self.address is None else f"{self.address[0]}:{self.address[1]}"
 
     def _lost(self, why: str) -> None:
-        if self.connected:
+        # Also when the connection drops while still subscribing: channels confirmed on
+        # it may already have delivered frames, so what follows is a gap.
+        if self.connected or self._confirmed or self._gap:
             self.connected = False
+            self._gap = True
             self._reader.lost(self.wanted)
         self._reader.shard_changed()
         if not self._down_logged:  # once per outage, not once per attempt
@@ -336,30 +344,29 @@ class _Shard:
         if kind not in (b"ssubscribe", b"sunsubscribe"):
             return
         channel = reply[1].decode()
-        if not self._outstanding[channel]:
-            if kind == b"sunsubscribe":
-                # Nothing asked for it: the node no longer serves the channel's slot.
-                self._displaced(channel)
-            return
-        self._answered(channel)
-        if not self._outstanding[channel] and kind == b"ssubscribe":
-            self._confirm(channel)
+        # Redis answers in command order: a reply is the answer to the oldest command only
+        # if it matches it. An SUNSUBSCRIBE that matches nothing was not asked for: the node
+        # no longer serves the channel's slot.
+        if self._sent and self._sent[0] == (kind.upper(), channel):
+            self._answered()
+            if kind == b"ssubscribe" and not self._outstanding[channel]:
+                self._confirm(channel)
+        elif kind == b"sunsubscribe":
+            self._displaced(channel)
 
-    def _answered(self, channel: str) -> None:
+    def _answered(self) -> str:
+        """Retire the oldest command; returns its channel."""
+        _, channel = self._sent.popleft()
         self._outstanding[channel] -= 1
         if not self._outstanding[channel]:
             del self._outstanding[channel]
-        # Replies come in command order, so this is almost always the head.
-        for index, (_, sent) in enumerate(self._sent):
-            if sent == channel:
-                del self._sent[index]
-                break
+        return channel
 
     def _refused(self, error: hiredis.ReplyError) -> None:
         if not self._sent or self._sent[0][0] == b"AUTH":
             raise ConnectionLost(f"redis refused: {error}")
-        command, channel = self._sent[0]
-        self._answered(channel)
+        command = self._sent[0][0]
+        channel = self._answered()
         if str(error).encode().startswith(_RELOCATED):
             if command == b"SUNSUBSCRIBE":
                 return  # a channel released after its slot had already moved: not here
@@ -476,7 +483,7 @@ class Reader:
                 try:
                     self._apply(await self._slot_map())
                     backoff = _BACKOFF_MIN
-                except (RedisError, OSError, TimeoutError) as exc:
+                except Exception as exc:  # any failure: this loop must never end
                     if not self._map_logged:
                         log.warning("cluster slot map unavailable (%s); retrying", exc)
                         self._map_logged = True
@@ -545,12 +552,21 @@ class Reader:
         return channel
 
     async def probe(self) -> None:
-        """Publish to every shard's probe channel forever; cancel to stop."""
+        """Publish to every shard's probe channel forever; cancel to stop.
+
+        All at once and each within the interval: one unreachable node must not hold up
+        the probes of the healthy ones, which would then look silent and be replaced.
+        """
         while True:
-            for shard in list(self._shards.values()):
-                with contextlib.suppress(RedisError, OSError):
-                    await self._redis.spublish(shard.probe_channel, b"")
+            shards = list(self._shards.values())
+            await asyncio.gather(*(self._probe(shard) for shard in shards))
             await asyncio.sleep(PROBE_INTERVAL)
+
+    async def _probe(self, shard: _Shard) -> None:
+        # A probe that fails is what the shard's deadline detects: nothing to handle here.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(PROBE_INTERVAL):
+                await self._redis.spublish(shard.probe_channel, b"")
 
     # Reports from the shards.
 
