@@ -34,6 +34,7 @@ from .support import (
     recv_json,
     settings_env,
     start_gateway,
+    token,
     unique,
     wait_ready,
 )
@@ -377,3 +378,40 @@ async def test_the_api_publishes_a_batch_for_students_on_every_master(
                 device.assert_exactly(5)
         finally:
             stop_all(devices)
+
+
+async def test_a_gateway_started_before_its_cluster_waits_for_it_then_delivers() -> None:
+    """No node answers at first: the gateway reports not ready, and serves once one does."""
+    redis_port, port = embedded.free_port(), embedded.free_port()
+    address = f"redis://127.0.0.1:{redis_port}/0"
+    env = {**os.environ, **settings_env(address, PORT=str(port), **CLUSTER)}
+    env["NOTIFY_LOG_LEVEL"] = "ERROR"
+    command = [sys.executable, "-m", "notify_gateway.cli", "gateway"]
+    gateway = embedded.spawn(command, env, quiet=True)
+    cluster: embedded.Cluster | None = None
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            for _ in range(100):
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get("/healthz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(2)  # the reader has failed to reach a node a few times by now
+            assert (await http.get("/readyz")).status_code == 503
+            cluster = await asyncio.to_thread(embedded.start_redis_cluster, 3, 0, redis_port)
+            await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}", 30)
+        student = spread(cluster, 3)[0]
+        url = f"ws://127.0.0.1:{port}/ws?token={token(student)}"
+        async with connect(url) as ws:
+            assert (await recv_json(ws))["type"] == "welcome"
+            redis = redis_client.client(address, cluster=True)
+            try:
+                await Publisher(redis, load_history({})).publish(Notification(student, "E"))
+            finally:
+                await redis.aclose()
+            assert (await recv_json(ws))["event"] == "E"
+        assert gateway.poll() is None
+    finally:
+        embedded.stop(gateway)
+        if cluster is not None:
+            cluster.stop()

