@@ -53,9 +53,9 @@ from redis.crc import key_slot
 sys.path.insert(0, str(Path(__file__).parent))
 from wsload import Client, Stats, connect_many, publish_open_loop, resp
 
-from notify_gateway import config, embedded, keys, redis_client
-from notify_gateway.broker import _PUBLISH
-from notify_gateway.gateway.auth import mint
+from gateway.auth import mint
+from notify import config, embedded, keys, processes, redis_client
+from notify.publish import _PUBLISH
 
 SERVER_CORE, LOAD_CORE = 0, 1
 SECRET = "bench-" + "s" * 32
@@ -145,9 +145,9 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def gateway_stack(
-    redis: embedded.Server | Target, processes: int = 1, pinned: bool = True, **extra: str
+    redis: embedded.Server | Target, count: int = 1, pinned: bool = True, **extra: str
 ) -> AsyncIterator[Stack]:
-    """A gateway of ``processes`` processes, pinned to the server core when ``pinned``."""
+    """A gateway of ``count`` processes, pinned to the server core when ``pinned``."""
     target = redis if isinstance(redis, Target) else single(redis)
     port = embedded.free_port()
     env = {
@@ -161,19 +161,19 @@ async def gateway_stack(
         "NOTIFY_MAX_CONNECTIONS_PER_USER": "10000",
         **extra,
     }
-    command = [sys.executable, "-m", "notify_gateway.cli", "gateway"]
-    if processes > 1:
-        command += ["--processes", str(processes)]
-    process = embedded.spawn(command, env)
+    command = processes.notify("gateway")
+    if count > 1:
+        command += ["--processes", str(count)]
+    process = processes.spawn(command, env)
     if pinned:
         pin(process.pid, SERVER_CORE)  # children inherit it
     try:
         await wait_http(port)
-        if processes > 1:
+        if count > 1:
             await asyncio.sleep(2)  # every process up, not just the first to answer
         yield Stack(env, target, port, Process(process.pid), config.load_jwt(env))
     finally:
-        embedded.stop(process)
+        processes.stop(process)
 
 
 async def wait_http(port: int, timeout: float = 30) -> None:
@@ -455,12 +455,12 @@ def bridge_process(stack: Stack, kafka: embedded.Server, rules: Path) -> Iterato
         "NOTIFY_RULES": str(rules),
         "BRIDGE_PORT": str(port),
     }
-    process = embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "bridge"], env)
+    process = processes.spawn(processes.notify("bridge"), env)
     pin(process.pid, SERVER_CORE)
     try:
         yield Bridge(process.pid, port)
     finally:
-        embedded.stop(process)
+        processes.stop(process)
 
 
 async def kafka_paths(redis: embedded.Server, args: argparse.Namespace, out: Report) -> None:
@@ -586,12 +586,12 @@ async def scale(_redis: embedded.Server, args: argparse.Namespace, out: Report) 
         (single(redis), 2, "publish"),
     ]
     try:
-        for target, processes, mode in layouts:
+        for target, count, mode in layouts:
             sha = await script_sha(target)
             redis_label = "3 masters" if target.cluster else "1 Redis"
-            name = f"{processes} gw proc, {redis_label}, {mode}"
-            async with gateway_stack(target, processes, pinned=False) as stack:
-                users = [f"scale-{processes}-{len(target.ports)}-{mode}-{i}" for i in range(conns)]
+            name = f"{count} gw proc, {redis_label}, {mode}"
+            async with gateway_stack(target, count, pinned=False) as stack:
+                users = [f"scale-{count}-{len(target.ports)}-{mode}-{i}" for i in range(conns)]
                 stats = Stats()
                 clients = await connect_many(
                     stack.gateway_port, [stack.path(u) for u in users], stats

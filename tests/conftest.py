@@ -10,13 +10,22 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
-from notify_gateway import embedded
+from notify import embedded
 
 from .support import GatewayServer, start_gateway
+
+# The services the tests start as processes import this checkout, as the suite itself does
+# (pytest's ``pythonpath``), whether the project is installed editable, as a wheel or not
+# at all.
+ROOT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+)
 
 
 @pytest.fixture(scope="session")

@@ -15,10 +15,10 @@ import orjson
 import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 
-from notify_gateway import config, embedded
-from notify_gateway.gateway.app import Gateway, create_app
-from notify_gateway.gateway.auth import mint
-from notify_gateway.gateway.server import uvicorn_config
+from gateway.app import Gateway, create_app
+from gateway.auth import mint
+from gateway.server import uvicorn_config
+from notify import config, embedded
 
 JWT_SECRET = "test-secret-" + "x" * 32
 API_KEY = "test-api-key-0123456789"

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +13,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from notify_gateway import embedded
+from notify import embedded, processes
 
 from .support import (
     API_KEY,
@@ -235,7 +234,7 @@ async def test_publish_reaches_the_student_while_kafka_is_stopped(
 def cli(url: str, *args: str, key: str = API_KEY) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "NOTIFY_URL": url, "NOTIFY_API_KEY": key}
     return subprocess.run(
-        [sys.executable, "-m", "notify_gateway.cli", *args],
+        processes.notify(*args),
         env=env, capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
 

@@ -5,8 +5,8 @@ import time
 import jwt
 import pytest
 
-from notify_gateway import config
-from notify_gateway.gateway.auth import AuthError, TokenVerifier, bearer, mint
+from gateway.auth import AuthError, TokenVerifier, bearer, mint
+from notify import config
 
 SECRET = "k" * 40
 SETTINGS = config.load_jwt(

@@ -12,9 +12,9 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.asyncio import Redis
 
-from notify_gateway import config, embedded, keys
-from notify_gateway.bridge import rules
-from notify_gateway.bridge.consumer import Bridge
+from bridge import rules
+from bridge.consumer import Bridge
+from notify import config, embedded, keys
 
 from .support import (
     GatewayServer,

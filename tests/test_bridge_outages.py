@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -19,7 +18,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import ClientConnection
 
-from notify_gateway import embedded
+from notify import embedded, processes
 
 from .support import (
     GatewayServer,
@@ -98,7 +97,7 @@ async def test_kill_9_mid_stream_then_restart_delivers_10000_exactly_once(
     total, per_student = 10_000, 250
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=5)
     await producer.start()
-    bridge = embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "bridge"], env)
+    bridge = processes.spawn(processes.notify("bridge"), env)
     try:
         sends = [
             await producer.send(topic, event(student, n), key=student.encode())
@@ -110,7 +109,7 @@ async def test_kill_9_mid_stream_then_restart_delivers_10000_exactly_once(
         bridge.send_signal(signal.SIGKILL)
         bridge.wait()
         killed_at = tally.total
-        bridge = embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "bridge"], env)
+        bridge = processes.spawn(processes.notify("bridge"), env)
         await tally.wait_for(total, within=120)
         await asyncio.sleep(1)  # anything redelivered twice would show up by now
         assert killed_at < total
@@ -125,7 +124,7 @@ async def test_kill_9_mid_stream_then_restart_delivers_10000_exactly_once(
     finally:
         tally.close()
         await producer.stop()
-        embedded.stop(bridge)
+        processes.stop(bridge)
 
 
 @dataclass

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 
-from notify_gateway import config
-from notify_gateway.gateway.auth import TokenVerifier
+from gateway.auth import TokenVerifier
+from notify import config, processes
 
 
 def notify(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -17,7 +16,7 @@ def notify(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "REDIS_", "KAFKA_"))
     }
     return subprocess.run(
-        [sys.executable, "-m", "notify_gateway.cli", *args],
+        processes.notify(*args),
         env={**clean, **env},
         capture_output=True,
         text=True,

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,9 +22,9 @@ from redis.exceptions import RedisError
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from notify_gateway import embedded, keys, redis_client
-from notify_gateway.broker import Notification, Publisher
-from notify_gateway.config import load_history
+from notify import embedded, keys, processes, redis_client
+from notify.config import load_history
+from notify.publish import Notification, Publisher
 
 from .support import (
     API_KEY,
@@ -189,15 +188,11 @@ async def test_two_gateways_and_two_bridges_deliver_every_event_once_through_reb
                     assert await presence(student) == 2, student  # counted across gateways
 
             first_env = bridge_env()
-            spawned.append(
-                embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "bridge"], first_env)
-            )
+            spawned.append(processes.spawn(processes.notify("bridge"), first_env))
             await produce(range(0, 30))
             await wait_for(lambda: delivered(30), 60, "the first bridge delivers")
             # A second bridge joins the group: the partitions are shared out again.
-            spawned.append(
-                embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "bridge"], bridge_env())
-            )
+            spawned.append(processes.spawn(processes.notify("bridge"), bridge_env()))
             await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{first_env['BRIDGE_PORT']}")
             await produce(range(30, 60))
             await wait_for(lambda: delivered(60), 60, "both bridges deliver")
@@ -214,7 +209,7 @@ async def test_two_gateways_and_two_bridges_deliver_every_event_once_through_reb
         stop_all(devices)
         await producer.stop()
         for process in spawned:
-            embedded.stop(process)
+            processes.stop(process)
 
 
 @pytest.fixture
@@ -386,8 +381,8 @@ async def test_a_gateway_started_before_its_cluster_waits_for_it_then_delivers()
     address = f"redis://127.0.0.1:{redis_port}/0"
     env = {**os.environ, **settings_env(address, PORT=str(port), **CLUSTER)}
     env["NOTIFY_LOG_LEVEL"] = "ERROR"
-    command = [sys.executable, "-m", "notify_gateway.cli", "gateway"]
-    gateway = embedded.spawn(command, env, quiet=True)
+    command = processes.notify("gateway")
+    gateway = processes.spawn(command, env, quiet=True)
     cluster: embedded.Cluster | None = None
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
@@ -412,6 +407,6 @@ async def test_a_gateway_started_before_its_cluster_waits_for_it_then_delivers()
             assert (await recv_json(ws))["event"] == "E"
         assert gateway.poll() is None
     finally:
-        embedded.stop(gateway)
+        processes.stop(gateway)
         if cluster is not None:
             cluster.stop()

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from notify_gateway import config
-from notify_gateway.config import ConfigError
+from notify import config
+from notify.config import ConfigError
 
 BASE = {"REDIS_URL": "redis://127.0.0.1:6379/0", "NOTIFY_JWT_SECRET": "s" * 32}
 

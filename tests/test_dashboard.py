@@ -6,8 +6,8 @@ import json
 import re
 from pathlib import Path
 
-from notify_gateway.bridge.metrics import BridgeMetrics
-from notify_gateway.gateway.metrics import GatewayMetrics
+from bridge.metrics import BridgeMetrics
+from gateway.metrics import GatewayMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "grafana-dashboard.json"
 # Exported names carry a suffix the registry's metric family does not.

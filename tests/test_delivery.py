@@ -10,7 +10,6 @@ import contextlib
 import os
 import signal
 import socket
-import sys
 import time
 from typing import Any
 
@@ -20,10 +19,10 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from notify_gateway import embedded, keys, redis_client
-from notify_gateway.broker import Notification, Publisher
-from notify_gateway.config import HistorySettings, load_history
-from notify_gateway.redis_client import Client
+from notify import embedded, keys, processes, redis_client
+from notify.config import HistorySettings, load_history
+from notify.publish import Notification, Publisher
+from notify.redis_client import Client
 
 from .support import (
     API_KEY,
@@ -361,7 +360,7 @@ async def test_presence_counts_devices_across_processes_and_forgets_killed_ones(
 ) -> None:
     port = embedded.free_port()
     env = {**os.environ, **settings_env(redis_url, PORT=str(port), NOTIFY_PRESENCE_TTL="3")}
-    other = embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "gateway"], env)
+    other = processes.spawn(processes.notify("gateway"), env)
     try:
         async with start_gateway(redis_url, NOTIFY_PRESENCE_TTL="3") as gateway:
             phone, _ = await open_client(gateway.ws_url(student))
@@ -378,7 +377,7 @@ async def test_presence_counts_devices_across_processes_and_forgets_killed_ones(
                 await ws.close()
             await eventually(lambda: presence(gateway.url, student), 0)
     finally:
-        embedded.stop(other)
+        processes.stop(other)
 
 
 async def connect_retrying(url: str) -> ClientConnection:
@@ -421,7 +420,7 @@ async def test_sigterm_closes_every_socket_with_1012_within_10_seconds(
 ) -> None:
     port = embedded.free_port()
     env = {**os.environ, **settings_env(redis_url, PORT=str(port))}
-    gateway = embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "gateway"], env)
+    gateway = processes.spawn(processes.notify("gateway"), env)
     try:
         clients = [
             await connect_retrying(f"ws://127.0.0.1:{port}/ws?token={token(student + str(i))}")
@@ -434,7 +433,7 @@ async def test_sigterm_closes_every_socket_with_1012_within_10_seconds(
         gateway.wait(10)
         assert time.monotonic() - started < 10
     finally:
-        embedded.stop(gateway)
+        processes.stop(gateway)
 
 
 def test_history_defaults() -> None:
@@ -519,7 +518,7 @@ async def test_nothing_follows_the_close_frame_of_a_client_that_stopped_reading(
     for n in range(40):  # ~800 KB: past the kernel buffers, under the 1 MiB send queue
         await pub.publish(Notification(student, "E", {"n": n, "pad": "x" * 20_000}))
     await asyncio.sleep(0.3)
-    [sock] = gateway.gateway.sockets
+    [sock] = gateway.gateway.sessions
     sock.shutdown()
     await publish_numbered(pub, student, range(40, 45))
     stream = b""

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from websockets.sync.client import connect
 
-from notify_gateway import embedded
+from notify import embedded, processes
 
 
 def descendants(pid: int) -> set[int]:
@@ -49,7 +49,7 @@ def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly(clust
     env["REDIS_CLUSTER"] = cluster  # "1": an embedded 3-master Redis Cluster
     started = time.monotonic()
     dev = subprocess.Popen(
-        [sys.executable, "-m", "notify_gateway.cli", "dev"],
+        processes.notify("dev"),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     assert dev.stdout is not None
@@ -68,9 +68,7 @@ def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly(clust
         command = send.group(1).replace("\\\n", " ")
         with connect(ws_url.group(1)) as ws:
             assert orjson.loads(ws.recv(5))["type"] == "welcome"
-            command = command.replace(
-                command.split()[1], f"{sys.executable} -m notify_gateway.cli", 1
-            )
+            command = command.replace(command.split()[1], f"{sys.executable} -m notify", 1)
             subprocess.run(command, shell=True, check=True, timeout=60, capture_output=True)
             frame = orjson.loads(ws.recv(30))
         assert frame["event"] == "COURSE_PURCHASED"

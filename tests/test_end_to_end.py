@@ -6,14 +6,13 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from notify_gateway import embedded
+from notify import embedded, processes
 
 from .support import (
     domain_event,
@@ -42,15 +41,12 @@ def stack(redis_url: str, kafka_bootstrap: str) -> Iterator[tuple[str, str]]:
         "BRIDGE_PORT": str(embedded.free_port()),
     }
     asyncio.run(embedded.create_topics(kafka_bootstrap, [topic, f"{topic}.dlq"]))
-    children = [
-        embedded.spawn([sys.executable, "-m", "notify_gateway.cli", name], env)
-        for name in ("gateway", "bridge")
-    ]
+    children = [processes.spawn(processes.notify(name), env) for name in ("gateway", "bridge")]
     try:
         yield f"ws://127.0.0.1:{port}", topic
     finally:
         for child in children:
-            embedded.stop(child)
+            processes.stop(child)
         # uvicorn re-raises SIGTERM once its graceful shutdown is done, as a shell expects.
         assert [child.returncode for child in children] in ([0, 0], [-signal.SIGTERM, 0])
 
@@ -99,11 +95,9 @@ async def test_send_event_cli_produces_the_documented_envelope(
     ws, _ = await connect_when_up(f"{url}/ws?token={token(student)}")
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "NOTIFY_KAFKA_TOPICS": topic}
     result = subprocess.run(
-        [
-            sys.executable, "-m", "notify_gateway.cli", "send-event", "PURCHASE_CREATED",
+        processes.notify("send-event", "PURCHASE_CREATED",
             "--student", student, "--course", "c9", "--field", "purchaseTier=30",
-            "--field", "timeSlot=06:00",
-        ],
+            "--field", "timeSlot=06:00"),
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

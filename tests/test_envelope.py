@@ -3,7 +3,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from notify_gateway.bridge.envelope import EnvelopeError, parse
+from bridge.envelope import EnvelopeError, parse
 
 
 def test_canonical_envelope() -> None:

@@ -10,9 +10,9 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from notify_gateway.broker import Notification, Publisher
-from notify_gateway.config import load_history
-from notify_gateway.redis_client import Client
+from notify.config import load_history
+from notify.publish import Notification, Publisher
+from notify.redis_client import Client
 
 from .support import GatewayServer, events, nothing_arrives, open_client, recv_json, token
 
@@ -105,7 +105,7 @@ async def test_two_authorization_headers_are_refused_with_401(
         await connect(gateway.ws_url(), additional_headers=[("Authorization", bearer)] * 2)
     assert refused.value.response.status_code == 401
     # Refused before the upgrade, so nothing lingers for shutdown to wait on.
-    assert not gateway.gateway.sockets
+    assert not gateway.gateway.sessions
 
 
 async def test_application_ping_is_answered(gateway: GatewayServer, student: str) -> None:
@@ -157,7 +157,7 @@ async def test_tokens_never_reach_the_logs(
     await asyncio.sleep(0.1)
     # The test's own client logs its request line; only the server's records matter here.
     server = "\n".join(
-        r.getMessage() for r in caplog.records if r.name.startswith(("uvicorn", "notify"))
+        r.getMessage() for r in caplog.records if r.name.startswith(("uvicorn", "gateway", "bridge", "notify"))
     )
     assert "/ws?token=[redacted]" in server
     assert secret.split(".")[2] not in server

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,9 +13,9 @@ from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import ignored_auth
 from starlette.routing import Route
 
-from notify_gateway import config, embedded
-from notify_gateway.gateway.app import create_app
-from notify_gateway.gateway.openapi import DOCUMENT
+from gateway.app import create_app
+from gateway.openapi import DOCUMENT
+from notify import config, embedded, processes
 
 from .support import API_KEY, settings_env, wait_ready
 
@@ -42,11 +41,11 @@ def live_url(redis_url: str) -> Iterator[str]:
         **settings_env(redis_url, PORT=str(port), NOTIFY_API_RATE_LIMIT="100000"),
         "NOTIFY_LOG_LEVEL": "WARNING",
     }
-    process = embedded.spawn([sys.executable, "-m", "notify_gateway.cli", "gateway"], env)
+    process = processes.spawn(processes.notify("gateway"), env)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
     yield url
-    embedded.stop(process)
+    processes.stop(process)
 
 
 def test_api_conforms_to_its_openapi_document(live_url: str) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,9 +14,9 @@ from redis.asyncio import RedisCluster
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from notify_gateway import embedded, redis_client
-from notify_gateway.broker import Notification, Publisher
-from notify_gateway.config import load_history
+from notify import embedded, processes, redis_client
+from notify.config import load_history
+from notify.publish import Notification, Publisher
 
 from .support import recv_json, settings_env, token, unique, wait_ready
 
@@ -78,7 +77,7 @@ async def test_two_processes_share_the_port_and_a_killed_one_loses_nothing(
     env = {**os.environ, **settings_env(address, PORT=str(port))}
     env["NOTIFY_LOG_LEVEL"] = "WARNING"
     env["REDIS_CLUSTER"] = "1" if cluster else "0"
-    command = [sys.executable, "-m", "notify_gateway.cli", "gateway", "--processes", "2"]
+    command = processes.notify("gateway", "--processes", "2")
     redis = redis_client.client(address, cluster)
 
     async def heartbeats() -> set[bytes | str]:
@@ -88,7 +87,7 @@ async def test_two_processes_share_the_port_and_a_killed_one_loses_nothing(
 
     # Heartbeat keys of earlier tests' processes may still be there on the shared cluster.
     before = await heartbeats()
-    supervisor = embedded.spawn(command, env, quiet=True)
+    supervisor = processes.spawn(command, env, quiet=True)
     publisher = Publisher(redis, load_history({}))
     students: list[Student] = []
     try:

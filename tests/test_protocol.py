@@ -3,16 +3,32 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from notify_gateway import protocol
-from notify_gateway.protocol import CloseCode, EventId, ProtocolViolation
+from notify import protocol
+from notify.protocol import CloseCode, EventId, ProtocolViolation
 
 
-def test_event_ids_round_trip_and_order() -> None:
+def test_event_ids_round_trip() -> None:
     parsed = protocol.parse_event_id("a1b2c3d4-42")
     assert parsed == EventId("a1b2c3d4", 42)
     assert str(parsed) == "a1b2c3d4-42"
-    assert EventId("e", 43).follows(EventId("e", 42))
-    assert not EventId("f", 43).follows(EventId("e", 42))
+
+
+@pytest.mark.parametrize(
+    ("last", "event", "order"),
+    [
+        (None, EventId("e", 1), protocol.IN_ORDER),  # a history's first event
+        (None, EventId("e", 2), protocol.GAP),
+        (EventId("e", 42), EventId("e", 43), protocol.IN_ORDER),
+        (EventId("e", 42), EventId("e", 42), protocol.DUPLICATE),
+        (EventId("e", 42), EventId("e", 7), protocol.DUPLICATE),
+        (EventId("e", 42), EventId("e", 44), protocol.GAP),
+        # Another incarnation is a gap even at seq 1: only the history can say resync.
+        (EventId("e", 42), EventId("f", 1), protocol.GAP),
+        (EventId("e", 42), EventId("f", 43), protocol.GAP),
+    ],
+)
+def test_the_ordering_rule(last: EventId | None, event: EventId, order: protocol.Order) -> None:
+    assert protocol.classify(last, event) is order
 
 
 @pytest.mark.parametrize("raw", ["", "42", "e-0", "e-01", "E-1", "e--1", "e-1-2", "e-1x"])
@@ -47,7 +63,7 @@ def test_client_frames() -> None:
 
 
 def test_redaction() -> None:
-    from notify_gateway.logs import redact
+    from notify.logs import redact
 
     assert redact('"WebSocket /ws?token=abc.def.ghi&since=x-1"') == (
         '"WebSocket /ws?token=[redacted]&since=x-1"'

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from notify_gateway.bridge import rules
-from notify_gateway.bridge.envelope import Envelope, EnvelopeError
-from notify_gateway.bridge.rules import RuleError
+from bridge import rules
+from bridge.envelope import Envelope, EnvelopeError
+from bridge.rules import RuleError
 
 
 def event(event_type: str, **data: object) -> Envelope:

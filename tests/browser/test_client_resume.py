@@ -15,7 +15,7 @@ import httpx
 import pytest
 from playwright.async_api import Page
 
-from notify_gateway import embedded
+from notify import embedded
 
 from ..chaos.harness import TcpProxy
 from ..support import API_KEY, GatewayServer, token

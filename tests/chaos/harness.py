@@ -23,7 +23,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -36,8 +35,8 @@ from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from notify_gateway import config, embedded
-from notify_gateway.gateway.auth import mint
+from gateway.auth import mint
+from notify import config, embedded, processes
 
 from ..support import settings_env
 
@@ -117,8 +116,8 @@ class Stack:
         return [f"ws://127.0.0.1:{port}/ws" for port in self.gateway_ports]
 
     def spawn(self, what: str, **extra: str) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "notify_gateway.cli", what]
-        return embedded.spawn(command, {**self.env, **extra}, quiet=True)
+        command = processes.notify(what)
+        return processes.spawn(command, {**self.env, **extra}, quiet=True)
 
     def start_gateway(self, index: int) -> None:
         self.gateways[index] = self.spawn("gateway", PORT=str(self.gateway_ports[index]))
@@ -147,7 +146,7 @@ class Stack:
     def stop(self) -> None:
         for process in [*self.gateways, self.bridge]:
             if process is not None:
-                embedded.stop(process)
+                processes.stop(process)
         self.kafka.process.send_signal(signal.SIGCONT)
         self.kafka.stop()
         self.redis.stop()

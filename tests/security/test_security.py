@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,11 +19,11 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from notify_gateway import embedded, protocol
-from notify_gateway.bridge import envelope, rules
-from notify_gateway.broker import Notification, Publisher
-from notify_gateway.config import load_history
-from notify_gateway.gateway import schema
+from bridge import envelope, rules
+from gateway import schema
+from notify import embedded, processes, protocol
+from notify.config import load_history
+from notify.publish import Notification, Publisher
 
 from ..chaos.harness import Figures
 from ..chaos.report import record
@@ -54,12 +53,12 @@ def live(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
         "NOTIFY_LOG_LEVEL": "DEBUG",
     }  # fmt: skip
     with log_path.open("wb") as log:
-        command = [sys.executable, "-m", "notify_gateway.cli", "gateway"]
-        process = embedded.spawn(command, env, log=log)
+        command = processes.notify("gateway")
+        process = processes.spawn(command, env, log=log)
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
         yield url, log_path
-        embedded.stop(process)
+        processes.stop(process)
 
 
 def student_token(user: str | None, **claims: Any) -> str:

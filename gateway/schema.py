@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from ..broker import Notification
-from ..keys import valid_user_id
+from notify.keys import valid_user_id
+from notify.publish import Notification
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_DATA_BYTES = 64 * 1024

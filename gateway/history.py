@@ -7,12 +7,13 @@ told to resync. There is no third outcome.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from . import keys
-from .protocol import EventId
-from .redis_client import Client
+from notify import keys
+from notify.protocol import EventId
+from notify.redis_client import Client
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +80,23 @@ async def recent(redis: Client, user: str, limit: int) -> list[bytes]:
     """The student's last ``limit`` event frames, oldest first (for diagnosis)."""
     entries: list[Any] = await redis.xrevrange(keys.history(user), count=limit) or []
     return [fields[b"f"] for _entry_id, fields in reversed(entries)]
+
+
+class HistoryReader:
+    """The history reads of one gateway process (resumes and catch-ups), bounded.
+
+    Shared by every session of the process: after a Pub/Sub outage all of them catch up at
+    once, and unbounded that would open a Redis connection each.
+    """
+
+    def __init__(self, redis: Client, concurrency: int) -> None:
+        self._redis = redis
+        self._reads = asyncio.Semaphore(concurrency)
+
+    async def current(self, user: str) -> EventId | None:
+        async with self._reads:
+            return await current(self._redis, user)
+
+    async def after(self, user: str, position: EventId | None) -> Replay:
+        async with self._reads:
+            return await after(self._redis, user, position)

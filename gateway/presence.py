@@ -17,8 +17,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from .. import keys
-from ..redis_client import UNAVAILABLE, Client
+from notify import keys
+from notify.redis_client import UNAVAILABLE, Client
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import jwt
 
-from ..config import JwtSettings
-from ..keys import valid_user_id
+from notify.config import JwtSettings
+from notify.keys import valid_user_id
 
 # Real JWTs stay well under 1 KiB. The limit also sits below the 8 KiB line length of the
 # server's HTTP parser, so an oversized token gets this clear 401 rather than a dropped

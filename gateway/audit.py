@@ -12,8 +12,8 @@ from typing import Any
 
 import orjson
 
-from .. import keys
-from ..redis_client import Client
+from notify import keys
+from notify.redis_client import Client
 
 # Approximate trimming keeps the stream bounded at O(1) cost per append.
 MAX_ENTRIES = 100_000

@@ -1,8 +1,12 @@
-"""One gateway process: what its connections share, and its HTTP application.
+"""One gateway process: the composition root that wires its parts, and its HTTP application.
 
-``/ws`` is served by :mod:`.socket` straight from uvicorn's upgrade (see there why); this
-module decides who may connect (:meth:`Gateway.admit`) and what a connection starts with
-(:meth:`Gateway.open`). The Starlette application serves the probes, metrics and the API.
+The parts point one way: the Pub/Sub reader (:mod:`.pubsub`) reports to a listener, the
+hub; the hub fans frames out to sessions (:mod:`.session`); each session writes to its
+socket (:mod:`.ws`), which reports back through a handler interface. :class:`Gateway`
+builds them, registers each with the one below, and is that handler: it decides who may
+connect (:meth:`Gateway.admit`) and what a connection starts with (:meth:`Gateway.open`).
+``/ws`` is served by :mod:`.ws` straight from uvicorn's upgrade (see there why); the
+Starlette application serves the probes, metrics and the API.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,18 +27,20 @@ from starlette.responses import Response as HttpResponse
 from starlette.routing import Route
 from websockets.http11 import Request, Response
 
-from .. import redis_client
-from ..broker import Publisher
-from ..config import GatewaySettings
-from ..protocol import CloseCode
+from notify import redis_client
+from notify.config import GatewaySettings
+from notify.protocol import CloseCode
+from notify.publish import Publisher
+
 from . import api, assets
 from .auth import AuthError, TokenVerifier, bearer
-from .connection import Connection
+from .history import HistoryReader
 from .hub import Hub, JoinRefused
 from .metrics import GatewayMetrics
 from .presence import PresenceWriter
-from .reader import Reader
-from .socket import Socket, refusal
+from .pubsub.reader import Reader
+from .session import STARTING, Session
+from .ws import Admission, Socket, WriteBatch, refusal
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +55,30 @@ class Gateway:
         self.settings = settings
         self.process_id = secrets.token_hex(6)
         self.redis = redis_client.client(settings.redis_url, settings.redis_cluster)
+        self.metrics = GatewayMetrics(lambda: self.hub.connection_count)
         self.reader = Reader(self.redis, settings.redis_url, self.process_id)
         self.presence = PresenceWriter(
-            self.redis,
-            self.process_id,
-            settings.presence_ttl,
-            lambda user: self.hub.connections(user),
+            self.redis, self.process_id, settings.presence_ttl, self._connections
         )
-        self.metrics = GatewayMetrics(lambda: self.hub.connection_count)
+        # Frames for one socket from one read of the Pub/Sub connection go out in one write:
+        # the hub begins the batch, the reader's end of a read flushes it.
+        self.batch = WriteBatch()
         self.hub = Hub(
-            self.reader, settings.max_connections_per_user, self.presence.changed, self.metrics
+            self.reader,
+            self.batch,
+            settings.max_connections_per_user,
+            self.presence.changed,
+            self.metrics,
         )
+        self.reader.attach(self.hub)
         self.verifier = TokenVerifier(settings.jwt)
-        self.history_reads = asyncio.Semaphore(HISTORY_READ_CONCURRENCY)
-        # Open sockets, for the keepalive sweep.
-        self.sockets: set[Socket] = set()
+        self.history = HistoryReader(self.redis, HISTORY_READ_CONCURRENCY)
+        # Every socket with a session, and its session (the keepalive sweeps them).
+        self.sessions: dict[Socket, Session] = {}
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _connections(self, user: str) -> int:
+        return self.hub.connections(user)
 
     async def start(self) -> None:
         self._tasks = [
@@ -106,41 +119,35 @@ class Gateway:
             return refusal(401, "unauthorized", str(exc))
         return Admission(claims.user_id, claims.expires_at, _first(params, "since"))
 
-    async def open(self, socket: Socket, admission: Admission) -> Connection | None:
+    async def open(self, socket: Socket, admission: Admission) -> Session | None:
         """Join the hub and queue welcome and catch-up; the socket is open from here on."""
-        conn = Connection(
-            socket,
-            admission.user,
-            self.redis,
-            self.settings.send_queue_bytes,
-            self.history_reads,
-            self.metrics,
+        session = Session(
+            socket, admission.user, self.history, self.settings.send_queue_bytes, self.metrics
         )
         try:
-            await self.hub.join(conn)
+            await self.hub.join(session)
         except JoinRefused as exc:
             socket.close(exc.code, exc.reason)
             return None
-        conn.expiry = asyncio.get_running_loop().call_later(
-            max(0.0, admission.expires_at - time.time()), conn.close, CloseCode.TOKEN_EXPIRED
+        self.sessions[socket] = session
+        session.expiry = asyncio.get_running_loop().call_later(
+            max(0.0, admission.expires_at - time.time()), session.close, CloseCode.TOKEN_EXPIRED
         )
         try:
-            await conn.start(admission.since)
+            await session.start(admission.since)
         except redis_client.UNAVAILABLE as exc:
             log.warning("history unavailable, closing a connection: %s", exc)
-            conn.close(CloseCode.TRY_AGAIN_LATER)
+            session.close(CloseCode.TRY_AGAIN_LATER)
         except BaseException:
-            self.leave(conn, socket)  # the client left during the start
+            self.leave(socket)  # the client left during the start
             raise
-        # Kept alive from here: until now the socket's reading was paused, and a ping whose
-        # pong cannot be read would drop it.
-        self.sockets.add(socket)
-        return conn
+        return session
 
-    def leave(self, conn: Connection, socket: Socket) -> None:
-        self.sockets.discard(socket)
-        self.hub.leave(conn)
-        conn.stop()
+    def leave(self, socket: Socket) -> None:
+        session = self.sessions.pop(socket, None)
+        if session is not None:
+            self.hub.leave(session)
+            session.stop()
 
     async def keepalive(self) -> None:
         """Ping every socket each interval; drop those silent for ping_timeout after a ping.
@@ -155,7 +162,11 @@ class Gateway:
             await asyncio.sleep(self.settings.ping_interval)
             now = loop.time()
             try:
-                for socket in list(self.sockets):
+                for socket, session in list(self.sessions.items()):
+                    if session.phase is STARTING:
+                        # Its reading is paused until the welcome is queued: a ping whose
+                        # pong cannot be read would drop it.
+                        continue
                     if not socket.ping_sent_at:
                         socket.ping(now)
                     elif now - socket.ping_sent_at >= timeout:
@@ -163,13 +174,6 @@ class Gateway:
             except Exception:
                 # One bad socket must not end dead-client detection for the process.
                 log.exception("keepalive sweep failed")
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    user: str
-    expires_at: float
-    since: str | None
 
 
 def _first(params: dict[str, list[str]], name: str) -> str | None:

@@ -15,9 +15,10 @@ from datetime import UTC, datetime
 import orjson
 
 _SECRET = re.compile(r"(token=|[Bb]earer\s+)[^\s&\"']+")
-# Loggers that print request lines; records are filtered where they are created, so the
-# filter sits on these loggers rather than on whichever handlers happen to exist.
-_REQUEST_LOGGERS = ("uvicorn.error", "uvicorn.access", "notify_gateway.gateway.socket")
+# uvicorn's loggers print request lines. Records are filtered where they are created, so the
+# filter sits on the loggers rather than on whichever handlers happen to exist; the
+# gateway's own request logger adds it itself (:func:`redacted`), by its module's name.
+_REQUEST_LOGGERS = ("uvicorn.error", "uvicorn.access")
 
 
 def redact(text: str) -> str:
@@ -33,11 +34,16 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+def redacted(logger: logging.Logger) -> logging.Logger:
+    """``logger``, with credentials redacted from every record it creates."""
+    if not any(isinstance(f, RedactSecrets) for f in logger.filters):
+        logger.addFilter(RedactSecrets())
+    return logger
+
+
 def install() -> None:
     for name in _REQUEST_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactSecrets) for f in logger.filters):
-            logger.addFilter(RedactSecrets())
+        redacted(logging.getLogger(name))
 
 
 class JsonFormatter(logging.Formatter):

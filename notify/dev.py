@@ -22,8 +22,9 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
-from . import config, embedded
-from .gateway.auth import mint
+from gateway.auth import mint
+
+from . import config, embedded, processes
 
 DEV_STUDENT = "dev-student"
 DEMO_COURSE = "9e16d892-4324-4568-be60-163aa1665683"
@@ -80,9 +81,7 @@ def run_dev() -> int:
         kafka = config.load_kafka(env)
         asyncio.run(embedded.create_topics(kafka.bootstrap, [*kafka.topics, kafka.dlq_topic]))
         for service in ("bridge", "gateway"):
-            children.append(
-                embedded.spawn([sys.executable, "-m", "notify_gateway.cli", service], env)
-            )
+            children.append(processes.spawn(processes.notify(service), env))
         base = f"http://{env['NOTIFY_HOST']}:{env['PORT']}"
         _wait_ready(f"{base}/readyz", children)
         _banner(env, base)
@@ -94,7 +93,7 @@ def run_dev() -> int:
         return 0
     finally:
         for child in children:
-            embedded.stop(child)
+            processes.stop(child)
         for server in reversed(started):
             server.stop()
 

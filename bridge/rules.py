@@ -17,8 +17,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..broker import Notification
-from ..keys import valid_user_id
+from notify.keys import valid_user_id
+from notify.publish import Notification
+
 from .envelope import Envelope, EnvelopeError
 
 EVENT_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")

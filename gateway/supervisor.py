@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import time
 from types import FrameType
 
-from .. import embedded
+from notify import processes
 
 log = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0
 
 
-def run(processes: int) -> int:
-    command = [sys.executable, "-m", "notify_gateway.cli", "gateway"]
-    children = [embedded.spawn(command) for _ in range(processes)]
+def run(count: int) -> int:
+    command = processes.notify("gateway")
+    children = [processes.spawn(command) for _ in range(count)]
     stopping = False
 
     def stop(signum: int, _frame: FrameType | None) -> None:
@@ -36,7 +35,7 @@ def run(processes: int) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("supervising %d gateway processes: %s", processes, [c.pid for c in children])
+    log.info("supervising %d gateway processes: %s", count, [c.pid for c in children])
     while not stopping or any(child.poll() is None for child in children):
         time.sleep(0.2)
         for i, child in enumerate(children):
@@ -44,5 +43,5 @@ def run(processes: int) -> int:
             if code is not None and not stopping:
                 log.warning("gateway process %d exited with %s; restarting it", child.pid, code)
                 time.sleep(RESTART_DELAY)
-                children[i] = embedded.spawn(command)
+                children[i] = processes.spawn(command)
     return 0

@@ -1,10 +1,12 @@
 """Which students this process serves, and the fan-out of their frames.
 
-The hub owns the mapping student -> open connections. It asks the Pub/Sub reader to
-subscribe a student's channel when the first device connects and to unsubscribe when the
-last one leaves. Fan-out is synchronous: each event's WebSocket frame is built once for the
-process and the same bytes are written to every connection of the student (or queued on
-the ones not reading), so the reader never waits on a socket.
+The hub owns the mapping student -> open sessions. It asks the Pub/Sub reader to subscribe
+a student's channel when the first device connects and to unsubscribe when the last one
+leaves, and it is the reader's listener (:class:`.pubsub.listener.PubSubListener`). Fan-out
+is synchronous: each event's WebSocket frame is built once for the process and the same
+bytes are written to every session of the student (or queued on the ones not reading), so
+the reader never waits on a socket. Frames for one socket from one read of the Pub/Sub
+connection go out in one write (:class:`.ws.WriteBatch`), flushed when the read ends.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 
-from .. import keys
-from ..protocol import CloseCode, event_id_of
-from .connection import Connection
+from notify import keys
+from notify.protocol import CloseCode, event_id_of, text_frame
+
 from .metrics import GatewayMetrics
-from .reader import Reader
-from .socket import WriteBatch, text_frame
+from .pubsub.reader import Reader
+from .session import Session
+from .ws import WriteBatch
 
 SUBSCRIBE_TIMEOUT = 5.0
 
@@ -34,22 +37,20 @@ class Hub:
     def __init__(
         self,
         reader: Reader,
+        batch: WriteBatch,
         max_per_user: int,
         on_change: Callable[[str], None],
         metrics: GatewayMetrics,
     ) -> None:
         self._reader = reader
+        self._batch = batch
         self._max_per_user = max_per_user
         # Told which student's connection count changed (presence).
         self._on_change = on_change
-        self._users: dict[str, set[Connection]] = {}
+        self._users: dict[str, set[Session]] = {}
         self._count = 0
         self._fanout = metrics.fanout
-        # Frames for one socket from one read of the Pub/Sub connection go out in one write.
-        self.batch = WriteBatch()
-        reader.attach(
-            self.dispatch, self.pause, self.resume, self.batch.end, metrics.pubsub_reconnects.inc
-        )
+        self._reconnects = metrics.pubsub_reconnects
 
     @property
     def connection_count(self) -> int:
@@ -58,41 +59,43 @@ class Hub:
     def connections(self, user: str) -> int:
         return len(self._users.get(user, ()))
 
-    async def join(self, conn: Connection) -> None:
-        """Register ``conn``; returns once its student's channel is subscribed."""
-        conns = self._users.setdefault(conn.user, set())
-        if len(conns) >= self._max_per_user:
+    async def join(self, session: Session) -> None:
+        """Register ``session``; returns once its student's channel is subscribed."""
+        sessions = self._users.setdefault(session.user, set())
+        if len(sessions) >= self._max_per_user:
             raise JoinRefused(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
-        conns.add(conn)
+        sessions.add(session)
         self._count += 1
-        self._on_change(conn.user)
+        self._on_change(session.user)
         try:
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
-                await self._reader.subscribe(keys.channel(conn.user))
+                await self._reader.subscribe(keys.channel(session.user))
         except TimeoutError:
-            self.leave(conn)
+            self.leave(session)
             raise JoinRefused(CloseCode.TRY_AGAIN_LATER, "subscription unavailable") from None
         except BaseException:
-            self.leave(conn)  # cancelled (shutdown): do not stay registered
+            self.leave(session)  # cancelled (shutdown): do not stay registered
             raise
 
-    def leave(self, conn: Connection) -> None:
-        conns = self._users.get(conn.user)
-        if conns is None or conn not in conns:
+    def leave(self, session: Session) -> None:
+        sessions = self._users.get(session.user)
+        if sessions is None or session not in sessions:
             return
-        conns.discard(conn)
+        sessions.discard(session)
         self._count -= 1
-        self._on_change(conn.user)
-        if not conns:
-            del self._users[conn.user]
-            self._reader.unsubscribe(keys.channel(conn.user))
+        self._on_change(session.user)
+        if not sessions:
+            del self._users[session.user]
+            self._reader.unsubscribe(keys.channel(session.user))
 
-    def dispatch(self, channel: bytes, frame: bytes) -> None:
+    # The reader's listener
+
+    def message(self, channel: bytes, frame: bytes) -> None:
         user = keys.user_of_channel(channel)
-        conns = self._users.get(user) if user is not None else None
-        if not conns:
+        sessions = self._users.get(user) if user is not None else None
+        if not sessions:
             return
-        self.batch.begin()
+        self._batch.begin()
         event_id = event_id_of(frame)
         try:
             frame.decode()
@@ -102,30 +105,36 @@ class Hub:
             frame = frame.decode(errors="replace").encode()
         wire = text_frame(frame)
         size = len(wire)
-        for conn in conns:
-            conn.deliver(event_id, wire, size)
+        for session in sessions:
+            session.deliver(event_id, wire, size)
         fanout = self._fanout
-        fanout.pushed["live"] += len(conns)
-        fanout.bytes += size * len(conns)
+        fanout.pushed["live"] += len(sessions)
+        fanout.bytes += size * len(sessions)
         published_ms = _ts(frame)
         if published_ms is not None:
             fanout.observe_latency(max(0.0, time.time() - published_ms / 1000))
 
-    def pause(self, channels: Iterable[str]) -> None:
+    def flush(self) -> None:
+        self._batch.end()
+
+    def hold(self, channels: Iterable[str]) -> None:
         """These channels lost their subscription: frames published from now on are unseen."""
         for user in self._served(channels):
-            for conn in self._users[user]:
-                conn.hold()
+            for session in self._users[user]:
+                session.hold()
 
-    def resume(self, channels: Iterable[str]) -> None:
-        """These channels are subscribed again: fill their connections' gaps from history.
+    def catch_up(self, channels: Iterable[str]) -> None:
+        """These channels are subscribed again: fill their sessions' gaps from history.
 
         Redis may have restarted and lost presence too, so their counts are rewritten.
         """
         for user in self._served(channels):
             self._on_change(user)
-            for conn in self._users[user]:
-                conn.request_catch_up()
+            for session in self._users[user]:
+                session.catch_up()
+
+    def reconnected(self) -> None:
+        self._reconnects.inc()
 
     def _served(self, channels: Iterable[str]) -> list[str]:
         users = (keys.user_of_channel(channel.encode()) for channel in channels)

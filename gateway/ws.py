@@ -5,8 +5,11 @@ so Starlette keeps serving the HTTP API on the same port while ``/ws`` skips ASG
 per-message coroutine hand-offs cost more than everything else a push does
 (docs/performance.md). websockets' sans-I/O ``ServerProtocol`` does the handshake, parses
 client frames and runs the closing handshake; server frames are not masked, so an event's
-frame is built once per process (:func:`text_frame`) and the same bytes are written to every
-socket that gets it.
+frame is built once per process (:func:`notify.protocol.text_frame`) and the same bytes are
+written to every socket that gets it.
+
+The socket knows the layer above only through :class:`SessionHandler` (who may connect,
+what a connection starts with, who left) and :class:`Peer` (the session it serves).
 
 Writes go straight to the transport while it accepts them, without a task per connection.
 Once the kernel buffer and the transport's own buffer fill up (a client not reading), frames
@@ -19,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import Any, ClassVar, Protocol, cast
 
 import orjson
 from uvicorn.config import Config
@@ -31,20 +35,52 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from .. import protocol
-from ..protocol import CloseCode, ProtocolViolation
+from notify import logs, protocol
+from notify.protocol import CloseCode, ProtocolViolation
+
 from .schema import ApiError
 
-if TYPE_CHECKING:
-    from .app import Admission, Gateway
-    from .connection import Connection
-
-log = logging.getLogger(__name__)
+# Its DEBUG records (websockets') show request headers, and the handshake line the query
+# string: both may carry a token.
+log = logs.redacted(logging.getLogger(__name__))
 
 # How long a close frame may wait for a client that does not read, or for the client's
 # answering close; then the TCP connection is dropped without it.
 CLOSE_TIMEOUT = 10.0
 PING_FRAME = Frame(Opcode.PING, b"").serialize(mask=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A handshake the handler accepted: who connects, until when, and from where on."""
+
+    user: str
+    expires_at: float
+    since: str | None
+
+
+class Peer(Protocol):
+    """The session a socket serves (:class:`.session.Session`)."""
+
+    @property
+    def closing(self) -> bool: ...
+
+    def send(self, message: str) -> None: ...
+
+    def close(self, code: CloseCode, reason: str = "") -> None: ...
+
+
+class SessionHandler(Protocol):
+    """What the socket asks of the gateway (:class:`.app.Gateway`)."""
+
+    def admit(self, request: Request) -> Response | Admission:
+        """Check an upgrade request; a refusal is an HTTP response sent instead."""
+
+    async def open(self, socket: Socket, admission: Admission) -> Peer | None:
+        """Start the session (welcome, catch-up); None if it was refused."""
+
+    def leave(self, socket: Socket) -> None:
+        """The connection is gone."""
 
 
 class WriteBatch:
@@ -84,20 +120,16 @@ def refusal(status: int, code: str, message: str) -> Response:
     return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
-def text_frame(payload: bytes) -> bytes:
-    """A complete server-to-client text frame, reusable for every socket."""
-    return Frame(Opcode.TEXT, payload).serialize(mask=False)
-
-
 class Socket(asyncio.Protocol):
-    """The transport side of one student's WebSocket; :class:`Connection` decides what to send."""
+    """The transport side of one student's WebSocket; the session decides what to send."""
 
-    gateway: ClassVar[Gateway]
+    # Set by :func:`bind`: uvicorn instantiates the protocol class itself.
+    handler: ClassVar[SessionHandler]
+    batch: ClassVar[WriteBatch]
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any]):
         # uvicorn closes everything in server_state.connections on shutdown (1012).
         self._registry = server_state.connections
-        # Its DEBUG records show request headers; logs.RedactSecrets filters this logger.
         self._ws = ServerProtocol(max_size=protocol.MAX_CLIENT_FRAME_BYTES, logger=log)
         self._transport: asyncio.Transport | None = None
         self._pending: deque[tuple[bytes, int]] = deque()
@@ -110,7 +142,7 @@ class Socket(asyncio.Protocol):
         # Fragments of a client message split over several frames (rare: clients send
         # small frames whole), bounded by ServerProtocol's max_size.
         self._fragments: list[bytes] | None = None
-        self.conn: Connection | None = None
+        self.session: Peer | None = None
         # Keepalive, driven by the gateway's sweep (no timer per connection).
         self.ping_sent_at = 0.0
 
@@ -144,8 +176,8 @@ class Socket(asyncio.Protocol):
             self._started.cancel()
         self._pending.clear()
         self._corked = None
-        if self.conn is not None:
-            self.gateway.leave(self.conn, self)
+        if self.session is not None:
+            self.handler.leave(self)
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -170,7 +202,7 @@ class Socket(asyncio.Protocol):
         if self._ws.state is not State.OPEN:
             return True
         if not self._paused and not self._pending:
-            batch = self.gateway.hub.batch
+            batch = self.batch
             if batch.active:
                 if self._corked is None:
                     self._corked = []
@@ -214,8 +246,8 @@ class Socket(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """uvicorn is stopping: tell the client to come back (1012) and drop the connection."""
-        if self.conn is not None:
-            self.conn.close(CloseCode.SERVICE_RESTART)
+        if self.session is not None:
+            self.session.close(CloseCode.SERVICE_RESTART)
         else:
             self.close(CloseCode.SERVICE_RESTART)
         if self._transport is not None:
@@ -225,7 +257,7 @@ class Socket(asyncio.Protocol):
 
     def _handshake(self, request: Request) -> None:
         try:
-            admission = self.gateway.admit(request)
+            admission = self.handler.admit(request)
         except Exception:
             # Must not escape: uvicorn hands the connection over only after this returns.
             log.exception("refusing a WebSocket handshake that could not be checked")
@@ -247,7 +279,7 @@ class Socket(asyncio.Protocol):
 
     async def _start(self, admission: Admission) -> None:
         try:
-            self.conn = await self.gateway.open(self, admission)
+            self.session = await self.handler.open(self, admission)
         except Exception:
             # Never leave an upgraded socket silent, without a welcome: drop it, the client
             # reconnects and resumes.
@@ -275,16 +307,16 @@ class Socket(asyncio.Protocol):
             self._fragments = fragments
 
     def _client_message(self, data: bytes | bytearray | memoryview) -> None:
-        conn = self.conn
-        if conn is None or conn.closing:
+        session = self.session
+        if session is None or session.closing:
             return
         try:
             frame = protocol.parse_client_frame(bytes(data))
         except ProtocolViolation as exc:
-            conn.close(exc.code)
+            session.close(exc.code)
             return
         if isinstance(frame, protocol.Ping):
-            conn.send(protocol.PONG)
+            session.send(protocol.PONG)
 
     def _flush_protocol(self) -> None:
         """Write what websockets produced (handshake, pong, close); close TCP when it says."""
@@ -310,6 +342,6 @@ def _peer(transport: asyncio.Transport) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "-"
 
 
-def bind(gateway: Gateway) -> type[Socket]:
-    """The protocol class uvicorn instantiates, tied to one gateway."""
-    return type("GatewaySocket", (Socket,), {"gateway": gateway})
+def bind(handler: SessionHandler, batch: WriteBatch) -> type[Socket]:
+    """The protocol class uvicorn instantiates, tied to one gateway's handler and batch."""
+    return type("GatewaySocket", (Socket,), {"handler": handler, "batch": batch})

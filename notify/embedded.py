@@ -1,30 +1,28 @@
 """Embedded servers for development and tests: valkey-server and tansu from PyPI wheels.
 
 Production runs against real Redis and Apache Kafka; these exist so that ``make dev`` and
-``make test`` need nothing but Python. Children are started with PR_SET_PDEATHSIG so they
-die with the process that started them, even when it is killed with SIGKILL.
+``make test`` need nothing but Python. Each server is a child started by
+:func:`.processes.spawn`, so it dies with the process that started it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-_PR_SET_PDEATHSIG = 1
+from .processes import spawn, stop
+
 READY_TIMEOUT = 20.0
 
 
@@ -33,39 +31,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def spawn(
-    args: Sequence[str],
-    env: dict[str, str] | None = None,
-    quiet: bool = False,
-    log: IO[bytes] | None = None,
-) -> subprocess.Popen[bytes]:
-    """Start a child that dies with us; its output is inherited, discarded or sent to ``log``."""
-    output: IO[bytes] | int | None = subprocess.DEVNULL if quiet else log
-    return subprocess.Popen(  # noqa: S603 - arguments are built by this module, not a shell
-        list(args),
-        env=env,
-        stdout=output,
-        stderr=output,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-    )
-
-
-def stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @dataclass

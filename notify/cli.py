@@ -1,21 +1,25 @@
-"""The ``notify`` command: run the services, mint dev tokens, produce test events."""
+"""The ``notify`` command: run the services, mint dev tokens, produce test events.
+
+The top of the import graph: each command imports the service it runs only when it runs,
+so ``notify token`` does not load uvicorn and a bridge host never imports the gateway.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
-import signal
 import sys
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from . import config
-from .bridge.rules import RuleError
+from bridge.rules import RuleError
+
+from . import api_client, config
 
 
 def _configure_logging() -> None:
@@ -41,48 +45,25 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .gateway import supervisor
-    from .gateway.app import create_app
-    from .gateway.server import listen, uvicorn_config
+    from gateway import server
 
     settings = config.load_gateway(os.environ)
     _configure_logging()
-    if args.processes > 1:
-        return supervisor.run(args.processes)
-    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run(sockets=[listen(settings)])
-    return 0
+    return server.serve(settings, args.processes)
 
 
 def cmd_bridge(_args: argparse.Namespace) -> int:
-    from .bridge import probes, rules
-    from .bridge.consumer import Bridge
+    from bridge import rules, service
 
     settings = config.load_bridge(os.environ)
     rule_set = rules.load(settings.rules_path)
     _configure_logging()
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        bridge = Bridge(settings, rule_set)
-        probe_server = probes.server(bridge, settings.host, settings.port)
-        serving = asyncio.create_task(probe_server.serve())
-        try:
-            await bridge.run(stop)
-        finally:
-            probe_server.should_exit = True
-            await serving
-
-    _run(main())
+    _run(service.run(settings, rule_set))
     return 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from .gateway.auth import AuthError, mint
+    from gateway.auth import AuthError, mint
 
     settings = config.load_jwt(os.environ)
     try:
@@ -137,26 +118,35 @@ def cmd_send_event(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_operator(args: argparse.Namespace) -> int:
-    from . import api_client
-
-    client = api_client.Client.from_env(os.environ)
+def _operator(call: Callable[[api_client.Client], str]) -> int:
+    """An operator command: one call to the gateway's HTTP API at NOTIFY_URL."""
     try:
-        if args.command == "trigger-update":
-            output = api_client.trigger_update(client, args.student_id, args.course_id, args.reason)
-        elif args.command == "publish":
-            output = api_client.publish(
-                client, args.user_id, args.event, args.data, args.invalidate
-            )
-        elif args.command == "presence":
-            output = api_client.presence(client, args.user_id)
-        else:
-            output = api_client.history(client, args.user_id, args.limit)
+        output = call(api_client.Client.from_env(os.environ))
     except api_client.CallFailed as exc:
         print(f"notify: error: {exc}", file=sys.stderr)
         return 1
     print(output)
     return 0
+
+
+def cmd_trigger_update(args: argparse.Namespace) -> int:
+    return _operator(
+        lambda c: api_client.trigger_update(c, args.student_id, args.course_id, args.reason)
+    )
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    return _operator(
+        lambda c: api_client.publish(c, args.user_id, args.event, args.data, args.invalidate)
+    )
+
+
+def cmd_presence(args: argparse.Namespace) -> int:
+    return _operator(lambda c: api_client.presence(c, args.user_id))
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    return _operator(lambda c: api_client.history(c, args.user_id, args.limit))
 
 
 def cmd_dev(_args: argparse.Namespace) -> int:
@@ -203,18 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     trigger.add_argument("student_id")
     trigger.add_argument("--course-id")
     trigger.add_argument("--reason", help="recorded in the audit log")
+    trigger.set_defaults(func=cmd_trigger_update)
     publish = sub.add_parser("publish", help="publish a notification through the HTTP API")
     publish.add_argument("user_id")
     publish.add_argument("event", help="e.g. COURSE_PURCHASED")
     publish.add_argument("--data", help="a JSON object")
     publish.add_argument("--invalidate", help="store names, comma-separated: home,learning")
+    publish.set_defaults(func=cmd_publish)
     presence = sub.add_parser("presence", help="how many devices a student has connected")
     presence.add_argument("user_id")
+    presence.set_defaults(func=cmd_presence)
     history = sub.add_parser("history", help="a student's recent notifications")
     history.add_argument("user_id")
     history.add_argument("--limit", type=int, default=20)
-    for command in (trigger, publish, presence, history):
-        command.set_defaults(func=cmd_operator)
+    history.set_defaults(func=cmd_history)
     return parser
 
 
@@ -228,7 +220,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,9 +7,12 @@ import socket
 import uvicorn
 from starlette.applications import Starlette
 
-from .. import logs
-from ..config import GatewaySettings
-from .socket import bind
+from notify import logs
+from notify.config import GatewaySettings
+
+from . import supervisor
+from .app import create_app
+from .ws import bind
 
 
 def uvicorn_config(app: Starlette, settings: GatewaySettings) -> uvicorn.Config:
@@ -21,7 +24,7 @@ def uvicorn_config(app: Starlette, settings: GatewaySettings) -> uvicorn.Config:
         # Upgraded connections go to the gateway's own protocol (frame size limit, keepalive
         # and no compression are set there): notifications are small and encoded once per
         # process, and deflate would cost CPU and memory per connection for little gain.
-        ws=bind(app.state.gateway),
+        ws=bind(app.state.gateway, app.state.gateway.batch),
         # The access log would print every query string, and ?token= carries a credential;
         # what uvicorn still logs goes through logs.RedactSecrets.
         access_log=False,
@@ -47,3 +50,12 @@ def listen(settings: GatewaySettings) -> socket.socket:
     sock.bind((settings.host, settings.port))
     sock.listen(2048)
     return sock
+
+
+def serve(settings: GatewaySettings, processes: int) -> int:
+    """Serve until SIGTERM: this process, or ``processes`` children sharing the port."""
+    if processes > 1:
+        return supervisor.run(processes)
+    app = create_app(settings)
+    uvicorn.Server(uvicorn_config(app, settings)).run(sockets=[listen(settings)])
+    return 0

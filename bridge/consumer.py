@@ -27,9 +27,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from redis.exceptions import ResponseError
 
-from .. import redis_client
-from ..broker import Publisher, parse_result
-from ..config import BridgeSettings
+from notify import redis_client
+from notify.config import BridgeSettings
+from notify.publish import Publisher, parse_result
+
 from . import envelope, rules
 from .metrics import BridgeMetrics
 from .rules import Outcome, Rule

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Any, NamedTuple
 
 import orjson
+from websockets.frames import Frame, Opcode
 
 _EVENT_ID = re.compile(r"^([a-z0-9]{1,32})-([1-9][0-9]{0,18})$")
 # Every event frame starts with this prefix (the publish script writes it), which lets the
@@ -52,9 +53,32 @@ class EventId(NamedTuple):
     def __str__(self) -> str:
         return f"{self.epoch}-{self.seq}"
 
-    def follows(self, other: EventId) -> bool:
-        """True when this id comes after ``other`` in the same history incarnation."""
-        return self.epoch == other.epoch and self.seq > other.seq
+
+class Order(Enum):
+    """Where a live event stands against the last one a client was sent."""
+
+    IN_ORDER = "in order"  # the next one: send it
+    DUPLICATE = "duplicate"  # already sent (from history, at the seam with live): drop it
+    GAP = "gap"  # events are missing before it: fill them from history first
+
+
+IN_ORDER, DUPLICATE, GAP = Order.IN_ORDER, Order.DUPLICATE, Order.GAP
+
+
+def classify(last: EventId | None, event: EventId) -> Order:
+    """The one ordering rule of delivery: ``event`` after ``last`` (None: nothing sent yet).
+
+    Another epoch is always a gap: the old incarnation may have ended with events this
+    client never got (a failover loses the primary's last writes), and only the history can
+    tell, by answering with a resync.
+    """
+    if last is None:
+        return IN_ORDER if event.seq == 1 else GAP  # a history's first event
+    if event.epoch != last.epoch:
+        return GAP
+    if event.seq <= last.seq:
+        return DUPLICATE
+    return IN_ORDER if event.seq == last.seq + 1 else GAP
 
 
 def parse_event_id(raw: str) -> EventId | None:
@@ -72,6 +96,14 @@ def event_id_of(frame: bytes) -> EventId | None:
     if end < 0:
         return None
     return parse_event_id(frame[len(EVENT_PREFIX) : end].decode("ascii", "replace"))
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete server-to-client WebSocket text frame (unmasked), reusable for every socket.
+
+    Built once per event per process: the same bytes go to every device of the student.
+    """
+    return Frame(Opcode.TEXT, payload).serialize(mask=False)
 
 
 def event_body(event: str, data: dict[str, Any], invalidate: list[str], ts: int) -> bytes:

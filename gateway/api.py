@@ -23,11 +23,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .. import history, keys
-from ..broker import Notification, Publisher, parse_result
-from ..config import GatewaySettings
-from ..redis_client import UNAVAILABLE, Client
-from . import audit, openapi, presence, schema
+from notify import keys
+from notify.config import GatewaySettings
+from notify.publish import Notification, Publisher, parse_result
+from notify.redis_client import UNAVAILABLE, Client
+
+from . import audit, history, openapi, presence, schema
 from .auth import bearer, mint
 from .schema import WATCH_TOKEN_TTL, ApiError
 
