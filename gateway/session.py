@@ -221,10 +221,11 @@ class Session:
         """Go live with the frames held meanwhile, in order."""
         held, self._held, self._held_bytes = self._held, [], 0
         self.phase = LIVE
-        # Only frames of the incarnation just read can follow it. Older ones were covered by
-        # the resync that ended it; replaying them would look like a hole forever. A newer
-        # one means the history changed during the read: read again, which delivers it or
-        # says resync, instead of waiting for the next event to reveal the hole.
+        # Only frames of the incarnation just read can follow it; the others are dropped.
+        # Older ones were covered by the resync that ended it (replaying them would look
+        # like a hole forever); a newer one means the history changed during the read.
+        # Either way one more read settles it, delivering what is new or saying resync,
+        # instead of waiting for the next event to reveal the hole.
         epoch = None if self._last is None else self._last.epoch
         kept = [h for h in held if h[0] is None or h[0].epoch == epoch]
         if len(kept) < len(held):

@@ -157,7 +157,9 @@ async def test_tokens_never_reach_the_logs(
     await asyncio.sleep(0.1)
     # The test's own client logs its request line; only the server's records matter here.
     server = "\n".join(
-        r.getMessage() for r in caplog.records if r.name.startswith(("uvicorn", "gateway", "bridge", "notify"))
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith(("uvicorn", "gateway", "bridge", "notify"))
     )
     assert "/ws?token=[redacted]" in server
     assert secret.split(".")[2] not in server
