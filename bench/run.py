@@ -48,7 +48,7 @@ from pathlib import Path
 import orjson
 import uvloop
 from aiokafka import AIOKafkaProducer
-from redis.crc import key_slot
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wsload import Client, Stats, connect_many, publish_open_loop, resp
@@ -120,13 +120,13 @@ class Target:
 
 
 def single(redis: embedded.Server) -> Target:
-    return Target(redis.address, [redis.port], [0] * 16384)
+    return Target(redis.address, [redis.port], [0] * REDIS_CLUSTER_HASH_SLOTS)
 
 
 def clustered(cluster: embedded.Cluster) -> Target:
     masters = [node.port for node in cluster.nodes[: cluster.masters]]
-    per = 16384 // cluster.masters
-    owners = [min(slot // per, cluster.masters - 1) for slot in range(16384)]
+    per = REDIS_CLUSTER_HASH_SLOTS // cluster.masters
+    owners = [min(slot // per, cluster.masters - 1) for slot in range(REDIS_CLUSTER_HASH_SLOTS)]
     return Target(cluster.address, masters, owners, cluster=True)
 
 

@@ -29,7 +29,7 @@ from redis.exceptions import ResponseError
 
 from notify import redis_client
 from notify.config import BridgeSettings
-from notify.publish import Publisher, parse_result
+from notify.publish import Notification, Publisher
 
 from . import envelope, rules
 from .metrics import BridgeMetrics
@@ -80,7 +80,7 @@ class Bridge:
     def __init__(self, settings: BridgeSettings, rule_set: dict[str, Rule]) -> None:
         self._settings = settings
         self._rules = rule_set
-        self._redis = redis_client.client(settings.redis_url, settings.redis_cluster)
+        self._redis = redis_client.client(settings.redis.url, settings.redis.cluster)
         self._publisher = Publisher(self._redis, settings.history)
         self._consumer, self._producer = self._new_clients()
         self.metrics = BridgeMetrics()
@@ -198,48 +198,33 @@ class Bridge:
     async def _publish(self, items: list[_Item]) -> None:
         """All Redis work of the batch: its cache keys first, then its publishes in Kafka order.
 
-        Two pipelines, not one: a cluster runs each node's share of a pipeline concurrently,
-        and a push must never overtake the DEL of the cache the app will refetch.
-
         A connection error raises and the whole batch is retried (the dedupe keys make that
         safe), and so does any error that says nothing about the event itself: NOSCRIPT
         after a restart, OOM, READONLY after a failover, BUSY. Only an error tied to this
-        event's own keys (WRONGTYPE) would recur on every retry, so that event is
-        dead-lettered. A payload that cannot be encoded is dead-lettered before it is sent.
+        event (data that cannot be encoded, WRONGTYPE on its keys) would recur on every
+        retry, so that event is dead-lettered.
         """
         work = [item for item in items if item.outcome is not None]
-        stale = [key for item in work if item.outcome for key in item.outcome.cache_keys]
-        if stale:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key in stale:  # one DEL per key: in a cluster they may sit in any slot
-                    pipe.delete(key)
-                await pipe.execute()
-        # For each pipeline slot: the item it belongs to, and the event it publishes.
-        slots: list[tuple[_Item, str]] = []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for item in work:
-                assert item.outcome is not None
-                for notification in item.outcome.notifications:
-                    try:
-                        self._publisher.queue(notification, pipe)
-                    except TypeError as exc:  # orjson: nesting too deep, non-string keys
-                        item.reason = f"data cannot be encoded as JSON: {exc}"
-                        continue
-                    slots.append((item, notification.event))
-            results = await self._publisher.execute(pipe, raise_on_error=False) if slots else []
-        for result in results:
-            # A cluster pipeline returns a node's connection error as that command's result.
-            specific = isinstance(result, ResponseError) and _event_specific(result)
-            if isinstance(result, Exception) and not specific:
+        stale: list[str] = []
+        sends: list[tuple[_Item, Notification]] = []
+        for item in work:
+            assert item.outcome is not None
+            stale.extend(item.outcome.cache_keys)
+            sends.extend((item, notification) for notification in item.outcome.notifications)
+        sent = await self._publisher.invalidate_then_publish(stale, [n for _, n in sends])
+        for result in sent.results:
+            if isinstance(result, Exception) and not _event_specific(result):
                 raise result
         now = datetime.now(UTC)
-        for (item, event), result in zip(slots, results, strict=True):
-            if isinstance(result, ResponseError):
+        for (item, notification), result in zip(sends, sent.results, strict=True):
+            if isinstance(result, TypeError):
+                item.reason = f"data cannot be encoded as JSON: {result}"
+            elif isinstance(result, Exception):
                 item.reason = f"redis rejected the event's work: {result}"
-            elif parse_result(result).duplicate:
+            elif result.duplicate:
                 self.metrics.deduplicated.inc()
             else:
-                self.metrics.published.labels(event).inc()
+                self.metrics.published.labels(notification.event).inc()
         for item in work:
             assert item.outcome is not None
             self.metrics.cache_keys_deleted.inc(len(item.outcome.cache_keys))
@@ -311,9 +296,11 @@ class Bridge:
         await self._redis.aclose()
 
 
-def _event_specific(error: ResponseError) -> bool:
-    """An error that retrying cannot cure because it is about the event's own keys."""
-    return str(error).startswith("WRONGTYPE")
+def _event_specific(error: Exception) -> bool:
+    """An error that retrying cannot cure because it is about the event itself."""
+    if isinstance(error, TypeError):
+        return True
+    return isinstance(error, ResponseError) and str(error).startswith("WRONGTYPE")
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

@@ -8,7 +8,6 @@ dead-lettering every event of that type at run time.
 from __future__ import annotations
 
 import re
-import string
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,14 +16,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from notify.keys import valid_user_id
+from notify import names
+from notify.cache_keys import CacheKeyTemplate, MissingValue
 from notify.publish import Notification
 
 from .envelope import Envelope, EnvelopeError
 
-EVENT_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
-_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_STORE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _KEYS = {"notification", "recipients", "fields", "rename", "invalidate", "cache_keys"}
 
 
@@ -40,7 +37,7 @@ class Rule:
     fields: tuple[str, ...]
     rename: Mapping[str, str]
     invalidate: tuple[str, ...]
-    cache_keys: tuple[str, ...]
+    cache_keys: tuple[CacheKeyTemplate, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +68,7 @@ def load(path: str | None) -> dict[str, Rule]:
 
 def _rule(event_type: str, table: Any) -> Rule:
     where = f"rule {event_type}"
-    if not EVENT_NAME.match(event_type):
+    if not names.EVENT_NAME.match(event_type):
         raise RuleError(f"{where}: event types are written like PURCHASE_CREATED")
     if not isinstance(table, dict):
         raise RuleError(f"{where}: must be a table")
@@ -79,30 +76,31 @@ def _rule(event_type: str, table: Any) -> Rule:
     if unknown:
         raise RuleError(f"{where}: unknown key {sorted(unknown)[0]!r}; known: {sorted(_KEYS)}")
     notification = table.get("notification")
-    if not isinstance(notification, str) or not EVENT_NAME.match(notification):
+    if not isinstance(notification, str) or not names.EVENT_NAME.match(notification):
         raise RuleError(f"{where}: notification must be a name like COURSE_PURCHASED")
-    recipients = _names(where, table, "recipients", _FIELD)
+    recipients = _names(where, table, "recipients", names.FIELD)
     if not recipients:
         raise RuleError(f"{where}: recipients must name at least one field of data")
-    fields = _names(where, table, "fields", _FIELD)
+    fields = _names(where, table, "fields", names.FIELD)
     rename = table.get("rename", {})
     if not isinstance(rename, dict) or not all(
-        isinstance(v, str) and _FIELD.match(v) for v in rename.values()
+        isinstance(v, str) and names.FIELD.match(v) for v in rename.values()
     ):
         raise RuleError(f"{where}: rename must map field names to field names")
     for source in rename:
         if source not in fields:
             raise RuleError(f"{where}: rename names {source!r}, which is not in fields")
-    cache_keys = _names(where, table, "cache_keys", None)
-    for template in cache_keys:
-        _check_template(where, template, set(recipients) | set(fields))
+    cache_keys = tuple(
+        _template(where, text, set(recipients) | set(fields))
+        for text in _names(where, table, "cache_keys", None)
+    )
     return Rule(
         event_type=event_type,
         notification=notification,
         recipients=recipients,
         fields=fields,
         rename=dict(rename),
-        invalidate=_names(where, table, "invalidate", _STORE),
+        invalidate=_names(where, table, "invalidate", names.STORE_NAME),
         cache_keys=cache_keys,
     )
 
@@ -119,21 +117,17 @@ def _names(
     return tuple(value)
 
 
-def _check_template(where: str, template: str, known: set[str]) -> None:
+def _template(where: str, text: str, known: set[str]) -> CacheKeyTemplate:
     try:
-        parts = list(string.Formatter().parse(template))
+        template = CacheKeyTemplate.parse(text)
     except ValueError as exc:
-        raise RuleError(f"{where}: bad cache key template {template!r}: {exc}") from None
-    for _literal, name, spec, conversion in parts:
-        if name is None:
-            continue
-        if spec or conversion or not _FIELD.match(name):
-            raise RuleError(f"{where}: cache key template {template!r}: use plain {{field}}")
-        if name not in known:
-            raise RuleError(
-                f"{where}: cache key template {template!r} uses {name!r}, "
-                "which is neither a recipient nor a field"
-            )
+        raise RuleError(f"{where}: {exc}") from None
+    for name in sorted(template.fields - known):
+        raise RuleError(
+            f"{where}: cache key template {text!r} uses {name!r}, "
+            "which is neither a recipient nor a field"
+        )
+    return template
 
 
 def apply(rule: Rule, envelope: Envelope) -> Outcome:
@@ -142,7 +136,7 @@ def apply(rule: Rule, envelope: Envelope) -> Outcome:
     users = []
     for field in rule.recipients:
         user = data.get(field)
-        if not isinstance(user, str) or not valid_user_id(user):
+        if not isinstance(user, str) or not names.valid_id(user):
             raise EnvelopeError(f"data.{field} (a recipient) is missing or not a valid user id")
         users.append(user)
     payload = {rule.rename.get(f, f): data[f] for f in rule.fields if f in data}
@@ -160,13 +154,10 @@ def apply(rule: Rule, envelope: Envelope) -> Outcome:
     return Outcome(cache_keys, notifications, envelope.occurred_at)
 
 
-def _render(template: str, data: Mapping[str, Any]) -> str:
-    values = {}
-    for _literal, name, _spec, _conversion in string.Formatter().parse(template):
-        if name is None:
-            continue
-        value = data.get(name)
-        if not isinstance(value, str | int) or isinstance(value, bool) or value == "":
-            raise EnvelopeError(f"data.{name} (used in cache key {template!r}) is missing")
-        values[name] = value
-    return template.format_map(values)
+def _render(template: CacheKeyTemplate, data: Mapping[str, Any]) -> str:
+    try:
+        return template.render(data)
+    except MissingValue as exc:
+        raise EnvelopeError(
+            f"data.{exc.field} (used in cache key {template.text!r}) is missing"
+        ) from None

@@ -23,9 +23,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from notify import keys
+from notify import keys, names
 from notify.config import GatewaySettings
-from notify.publish import Notification, Publisher, parse_result
+from notify.publish import Notification, Publisher
 from notify.redis_client import UNAVAILABLE, Client
 
 from . import audit, history, openapi, presence, schema
@@ -129,11 +129,12 @@ class Api:
         # retry with idempotency keys delivers nothing twice.
         students = {notification.user_id for notification in notifications}
         atomic = len(students) == 1 or not isinstance(self._redis, RedisCluster)
-        async with self._redis.pipeline(transaction=atomic) as pipe:
-            for notification in notifications:
-                self._publisher.queue(notification, pipe)
-            results = await self._publisher.execute(pipe)
-        ids = [str(parse_result(result).id) for result in results]
+        sent = await self._publisher.invalidate_then_publish((), notifications, atomic=atomic)
+        ids = []
+        for result in sent.results:
+            if isinstance(result, Exception):
+                raise result
+            ids.append(str(result.id))
         log.info("%s published %d notification(s)", caller, len(ids))
         return JSONResponse({"ids": ids}, status_code=202)
 
@@ -147,9 +148,9 @@ class Api:
             raise
         values = {"studentId": update.student_id, "courseId": update.course_id}
         cache_keys = [
-            template.format_map(values)
+            template.render(values)
             for template in self._cache_keys
-            if update.course_id is not None or "{courseId}" not in template
+            if update.course_id is not None or "courseId" not in template.fields
         ]
         data: dict[str, Any] = {}
         if update.course_id is not None:
@@ -157,16 +158,11 @@ class Api:
         if update.reason is not None:
             data["reason"] = update.reason
         notification = Notification(update.student_id, update.event, data, update.invalidate)
-        # Cache first, then the push, as in the bridge: an app that refetches on the event
-        # must not read the stale cache. Two steps, not one pipeline: a cluster runs each
-        # node's share of a pipeline concurrently, so the push could overtake a DEL.
-        deleted: list[int] = []
-        if cache_keys:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key in cache_keys:
-                    pipe.delete(key)
-                deleted = await pipe.execute()
-        event_id = str((await self._publisher.publish(notification)).id)
+        sent = await self._publisher.invalidate_then_publish(cache_keys, [notification])
+        [published] = sent.results
+        if isinstance(published, Exception):
+            raise published
+        event_id = str(published.id)
         # The push went out: from here a Redis hiccup must not turn into an error that
         # invites the operator to push twice. Presence and the audit entry are best effort.
         try:
@@ -176,7 +172,7 @@ class Api:
             connections = None
         result = {
             "id": event_id,
-            "cache_keys_deleted": [k for k, n in zip(cache_keys, deleted, strict=True) if n],
+            "cache_keys_deleted": [k for k, n in zip(cache_keys, sent.deleted, strict=True) if n],
             "connections": connections,
         }
         entry = {
@@ -239,6 +235,8 @@ class Api:
     @staticmethod
     def _user(request: Request) -> str:
         user: str = request.path_params["user_id"]
-        if not keys.valid_user_id(user):
-            raise ApiError(422, "invalid", "not a valid user id", "user_id")
+        if not names.valid_id(user):
+            raise ApiError(
+                422, "invalid", f"not a valid user id ({names.shape(names.ID)})", "user_id"
+            )
         return user

@@ -54,9 +54,9 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.process_id = secrets.token_hex(6)
-        self.redis = redis_client.client(settings.redis_url, settings.redis_cluster)
+        self.redis = redis_client.client(settings.redis.url, settings.redis.cluster)
         self.metrics = GatewayMetrics(lambda: self.hub.connection_count)
-        self.reader = Reader(self.redis, settings.redis_url, self.process_id)
+        self.reader = Reader(self.redis, settings.redis.url, self.process_id)
         self.presence = PresenceWriter(
             self.redis, self.process_id, settings.presence_ttl, self._connections
         )

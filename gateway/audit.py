@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from notify import keys
-from notify.redis_client import Client
+from notify.redis_client import Client, text
 
 # Approximate trimming keeps the stream bounded at O(1) cost per append.
 MAX_ENTRIES = 100_000
@@ -29,8 +29,4 @@ async def append(redis: Client, entry: dict[str, Any]) -> None:
 async def recent(redis: Client, limit: int) -> list[dict[str, Any]]:
     """Newest first."""
     rows: list[Any] = await redis.xrevrange(keys.AUDIT, count=limit) or []
-    return [{"id": _text(entry_id), **orjson.loads(fields[b"entry"])} for entry_id, fields in rows]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return [{"id": text(entry_id), **orjson.loads(fields[b"entry"])} for entry_id, fields in rows]

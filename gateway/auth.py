@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import jwt
 
 from notify.config import JwtSettings
-from notify.keys import valid_user_id
+from notify.names import valid_id
 
 # Real JWTs stay well under 1 KiB. The limit also sits below the 8 KiB line length of the
 # server's HTTP parser, so an oversized token gets this clear 401 rather than a dropped
@@ -52,7 +52,7 @@ class TokenVerifier:
         except jwt.InvalidTokenError as exc:
             raise AuthError(f"invalid token: {type(exc).__name__}") from None
         user = claims["sub"]
-        if not isinstance(user, str) or not valid_user_id(user):
+        if not isinstance(user, str) or not valid_id(user):
             raise AuthError("invalid token: sub is not a valid user id")
         return Claims(user, float(claims["exp"]))
 

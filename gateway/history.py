@@ -13,7 +13,7 @@ from typing import Any
 
 from notify import keys
 from notify.protocol import EventId
-from notify.redis_client import Client
+from notify.redis_client import Client, text
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +73,7 @@ async def after(redis: Client, user: str, position: EventId | None) -> Replay:
 def _id(epoch: bytes | str | None, seq: bytes | str | None) -> EventId | None:
     if epoch is None or seq is None:
         return None
-    return EventId(epoch.decode() if isinstance(epoch, bytes) else epoch, int(seq))
+    return EventId(text(epoch), int(seq))
 
 
 async def recent(redis: Client, user: str, limit: int) -> list[bytes]:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from notify import names
+
 from .schema import MAX_BATCH, MAX_KEY_LENGTH, MAX_REASON_LENGTH, WATCH_TOKEN_TTL
 
-_USER_ID = {"type": "string", "pattern": r"^[A-Za-z0-9_.:@|+-]{1,128}$"}
-_EVENT = {"type": "string", "pattern": r"^[A-Z][A-Z0-9_]{0,63}$"}
+_USER_ID = {"type": "string", "pattern": names.ID.pattern}
+_EVENT = {"type": "string", "pattern": names.EVENT_NAME.pattern}
 _STORES = {
     "type": "array",
-    "items": {"type": "string", "pattern": r"^[a-z][a-z0-9_-]{0,63}$"},
+    "items": {"type": "string", "pattern": names.STORE_NAME.pattern},
 }
 _NOTIFICATION = {
     "type": "object",

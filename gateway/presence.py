@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 
 from notify import keys
-from notify.redis_client import UNAVAILABLE, Client
+from notify.redis_client import UNAVAILABLE, Client, text
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class PresenceWriter:
 async def count(redis: Client, user: str) -> int:
     """The student's connections on every live gateway process; dead ones are pruned."""
     raw = await redis.hgetall(keys.presence(user))
-    counts = {_text(process_id): int(n) for process_id, n in raw.items()}
+    counts = {text(process_id): int(n) for process_id, n in raw.items()}
     if not counts:
         return 0
     async with redis.pipeline(transaction=False) as pipe:
@@ -102,7 +102,3 @@ async def count(redis: Client, user: str) -> int:
     if dead:
         await redis.hdel(keys.presence(user), *dead)
     return sum(n for process_id, n in counts.items() if alive[process_id])
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -7,13 +7,12 @@ as ``userId`` for ``user_id`` must not be silently ignored.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from notify.keys import valid_user_id
+from notify import names
 from notify.publish import Notification
 
 MAX_BODY_BYTES = 256 * 1024
@@ -25,9 +24,6 @@ DEFAULT_STORES = ("home", "learning")
 # A watch token lets an operator's console read a student's live events. Short-lived, so
 # a copied one is of little use; the console asks for another when it expires (4001).
 WATCH_TOKEN_TTL = 600
-EVENT_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
-STORE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-_ID = re.compile(r"^[A-Za-z0-9_.:@|+-]{1,128}$")
 
 
 class ApiError(Exception):
@@ -71,9 +67,9 @@ def _required_str(doc: dict[str, Any], name: str, prefix: str) -> str:
 
 def _user(doc: dict[str, Any], name: str, prefix: str) -> str:
     value = _required_str(doc, name, prefix)
-    if not valid_user_id(value):
+    if not names.valid_id(value):
         raise ApiError(
-            422, "invalid", "not a valid user id ([A-Za-z0-9_.:@|+-], 1-128)", prefix + name
+            422, "invalid", f"not a valid user id ({names.shape(names.ID)})", prefix + name
         )
     return value
 
@@ -82,8 +78,10 @@ def _event(doc: dict[str, Any], name: str, prefix: str, default: str | None = No
     if default is not None and name not in doc:
         return default
     value = _required_str(doc, name, prefix)
-    if not EVENT_NAME.match(value):
-        raise ApiError(422, "invalid", "event names are [A-Z][A-Z0-9_]{0,63}", prefix + name)
+    if not names.EVENT_NAME.match(value):
+        raise ApiError(
+            422, "invalid", f"event names are {names.shape(names.EVENT_NAME)}", prefix + name
+        )
     return value
 
 
@@ -92,9 +90,14 @@ def _stores(
 ) -> tuple[str, ...]:
     value = doc.get(name, list(default))
     if not isinstance(value, list) or not all(
-        isinstance(s, str) and STORE_NAME.match(s) for s in value
+        isinstance(s, str) and names.STORE_NAME.match(s) for s in value
     ):
-        raise ApiError(422, "invalid", "a list of store names [a-z][a-z0-9_-]{0,63}", prefix + name)
+        raise ApiError(
+            422,
+            "invalid",
+            f"a list of store names {names.shape(names.STORE_NAME)}",
+            prefix + name,
+        )
     return tuple(value)
 
 
@@ -154,8 +157,10 @@ class TriggerUpdate:
 def trigger_update_request(doc: dict[str, Any]) -> TriggerUpdate:
     _only(doc, {"student_id", "course_id", "reason", "event", "invalidate"}, "")
     course = _optional_str(doc, "course_id", "", 128)
-    if course is not None and not _ID.match(course):
-        raise ApiError(422, "invalid", "not a valid course id", "course_id")
+    if course is not None and not names.valid_id(course):
+        raise ApiError(
+            422, "invalid", f"not a valid course id ({names.shape(names.ID)})", "course_id"
+        )
     return TriggerUpdate(
         student_id=_user(doc, "student_id", ""),
         course_id=course,

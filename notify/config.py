@@ -9,13 +9,14 @@ the variable's name so an operator knows what to fix without reading a traceback
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from .cache_keys import CacheKeyTemplate
 
 DEFAULT_TOPICS = ("purchase.events", "allocation.events", "session.events")
 # RFC 7518 3.2: an HS256 key must be at least as long as the hash output.
@@ -73,13 +74,22 @@ def load_redis_cluster(env: Mapping[str, str]) -> bool:
     return raw in ("1", "true")
 
 
-def _redis_cluster(env: Mapping[str, str], url: str) -> bool:
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """Where the Redis of notifications is: one node, or any node of a cluster."""
+
+    url: str
+    cluster: bool
+
+
+def load_redis(env: Mapping[str, str]) -> RedisSettings:
+    url = _redis_url(env)
     cluster = load_redis_cluster(env)
     if cluster and urlsplit(url).scheme == "unix":
         raise ConfigError("REDIS_CLUSTER", "a cluster is reached over TCP, not a unix:// URL")
     if cluster and urlsplit(url).path.strip("/") not in ("", "0"):
         raise ConfigError("REDIS_URL", "a cluster has database 0 only")
-    return cluster
+    return RedisSettings(url, cluster)
 
 
 def _bootstrap(env: Mapping[str, str]) -> str:
@@ -177,26 +187,27 @@ def load_history(env: Mapping[str, str]) -> HistorySettings:
     )
 
 
-DEFAULT_CACHE_KEYS = ("student:home:{studentId}", "student:learning:{studentId}")
+# The backend's cached views of a student (the seeds' 5-minute keys), the same ones the
+# built-in rules delete; tests/test_config.py keeps the two lists equal.
+DEFAULT_CACHE_KEYS = "student:home:{studentId},student:learning:{studentId}"
 _CACHE_KEY_FIELDS = {"studentId", "courseId"}
 
 
-def _cache_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+def _cache_keys(env: Mapping[str, str]) -> tuple[CacheKeyTemplate, ...]:
     """Templates of the backend cache keys a trigger-update deletes."""
-    raw = _get(env, "NOTIFY_CACHE_KEYS")
-    if raw is None:
-        return DEFAULT_CACHE_KEYS
-    templates = tuple(t.strip() for t in raw.split(",") if t.strip())
-    for template in templates:
+    raw = _get(env, "NOTIFY_CACHE_KEYS") or DEFAULT_CACHE_KEYS
+    templates = []
+    for text in (t.strip() for t in raw.split(",") if t.strip()):
         try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
-        except ValueError:
-            raise ConfigError("NOTIFY_CACHE_KEYS", f"bad template {template!r}") from None
-        if not fields <= _CACHE_KEY_FIELDS:
+            template = CacheKeyTemplate.parse(text)
+        except ValueError as exc:
+            raise ConfigError("NOTIFY_CACHE_KEYS", str(exc)) from None
+        if not template.fields <= _CACHE_KEY_FIELDS:
             raise ConfigError(
-                "NOTIFY_CACHE_KEYS", f"{template!r}: only {{studentId}} and {{courseId}} exist"
+                "NOTIFY_CACHE_KEYS", f"{text!r}: only {{studentId}} and {{courseId}} exist"
             )
-    return templates
+        templates.append(template)
+    return tuple(templates)
 
 
 def _host(env: Mapping[str, str]) -> str:
@@ -205,28 +216,26 @@ def _host(env: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
-    redis_url: str
-    redis_cluster: bool
+    redis: RedisSettings
     host: str
     port: int
     jwt: JwtSettings
     api_keys: dict[str, str]
     history: HistorySettings
     send_queue_bytes: int
-    ping_interval: float
-    ping_timeout: float
+    # Seconds.
+    ping_interval: int
+    ping_timeout: int
     max_connections: int
     max_connections_per_user: int
     presence_ttl: int
     api_rate_limit: int
-    cache_keys: tuple[str, ...]
+    cache_keys: tuple[CacheKeyTemplate, ...]
 
 
 def load_gateway(env: Mapping[str, str]) -> GatewaySettings:
-    redis_url = _redis_url(env)
     return GatewaySettings(
-        redis_url=redis_url,
-        redis_cluster=_redis_cluster(env, redis_url),
+        redis=load_redis(env),
         host=_host(env),
         port=_int(env, "PORT", 8000, 1, 65_535),
         jwt=load_jwt(env),
@@ -271,8 +280,7 @@ def load_kafka(env: Mapping[str, str]) -> KafkaSettings:
 
 @dataclass(frozen=True, slots=True)
 class BridgeSettings:
-    redis_url: str
-    redis_cluster: bool
+    redis: RedisSettings
     kafka: KafkaSettings
     history: HistorySettings
     rules_path: str | None
@@ -281,10 +289,8 @@ class BridgeSettings:
 
 
 def load_bridge(env: Mapping[str, str]) -> BridgeSettings:
-    redis_url = _redis_url(env)
     return BridgeSettings(
-        redis_url=redis_url,
-        redis_cluster=_redis_cluster(env, redis_url),
+        redis=load_redis(env),
         kafka=load_kafka(env),
         history=load_history(env),
         rules_path=_get(env, "NOTIFY_RULES"),

@@ -20,6 +20,7 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS
 
 from .processes import spawn, stop
 
@@ -132,9 +133,9 @@ def start_redis_cluster(masters: int = 3, replicas: int = 0, port: int | None = 
             nodes.append(Server(process, f"redis://127.0.0.1:{node_port}/0", node_port))
         clients: list[Any] = [redis.Redis(port=node.port) for node in nodes]
         ids = [str(c.execute_command("CLUSTER MYID"), "ascii") for c in clients]
-        per_master = HASH_SLOTS // masters
+        per_master = REDIS_CLUSTER_HASH_SLOTS // masters
         for i in range(masters):
-            last = HASH_SLOTS - 1 if i == masters - 1 else (i + 1) * per_master - 1
+            last = REDIS_CLUSTER_HASH_SLOTS - 1 if i == masters - 1 else (i + 1) * per_master - 1
             clients[i].execute_command("CLUSTER ADDSLOTSRANGE", i * per_master, last)
         for client in clients[1:]:
             client.execute_command("CLUSTER MEET", "127.0.0.1", nodes[0].port, bus)
@@ -150,9 +151,6 @@ def start_redis_cluster(masters: int = 3, replicas: int = 0, port: int | None = 
             node.stop()
         raise
     return Cluster(nodes, masters)
-
-
-HASH_SLOTS = 16384
 
 
 def _known(client: Any) -> int:

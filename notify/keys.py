@@ -7,11 +7,6 @@ atomically, and the same code runs on a single node or a cluster.
 
 from __future__ import annotations
 
-import re
-
-# Ids from JWT ``sub`` claims and event fields: UUIDs, numeric ids, e-mail-like ids. The
-# limit keeps keys short and bars braces, which would change the hash tag.
-_USER_ID = re.compile(r"^[A-Za-z0-9_.:@|+-]{1,128}$")
 _CHANNEL_PREFIX = b"{u:"
 _CHANNEL_SUFFIX = b"}:chan"
 
@@ -23,10 +18,6 @@ AUDIT = "notify:audit"
 def rate(bucket: str, second: int) -> str:
     """Requests counted in one second for one API key (or one client address)."""
     return f"notify:rate:{bucket}:{second}"
-
-
-def valid_user_id(user: str) -> bool:
-    return _USER_ID.match(user) is not None
 
 
 def meta(user: str) -> str:

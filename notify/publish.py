@@ -28,7 +28,7 @@ from redis.asyncio.cluster import ClusterPipeline
 from . import keys
 from .config import HistorySettings
 from .protocol import EventId, event_body, parse_event_id
-from .redis_client import Client
+from .redis_client import Client, text
 
 # KEYS: meta, history[, dedupe]. ARGV: channel, candidate epoch, frame body, history size,
 # history ttl, dedupe ttl. Returns {id, 1} when published, {id, 0} for a duplicate.
@@ -82,6 +82,18 @@ class Published:
     duplicate: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """What :meth:`Publisher.invalidate_then_publish` did, in the order it was asked."""
+
+    # Per cache key: 1 if it existed (and is now deleted), 0 if it was already gone.
+    deleted: list[int]
+    # Per notification: its id, or why it was not published. A TypeError: its data cannot
+    # be encoded (found before anything was sent). A ResponseError, or in a cluster a
+    # node's connection error: what Redis answered for it.
+    results: list[Published | Exception]
+
+
 Pipe = Pipeline | ClusterPipeline
 
 
@@ -92,21 +104,58 @@ class Publisher:
         self._history = history
 
     async def publish(self, notification: Notification) -> Published:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            self.queue(notification, pipe)
-            [result] = await self.execute(pipe)
-        return parse_result(result)
+        """Publish one notification; raises what stopped it."""
+        [result] = (await self.invalidate_then_publish((), [notification])).results
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-    def queue(self, notification: Notification, pipe: Pipe) -> None:
+    async def invalidate_then_publish(
+        self,
+        cache_keys: Sequence[str],
+        notifications: Sequence[Notification],
+        atomic: bool = False,
+    ) -> Sent:
+        """Delete the backend's cache keys, then publish: the order every producer keeps.
+
+        An app refetches when the notification arrives, so the push must never overtake
+        the DEL of the cache it will read. Two steps, not one pipeline: a cluster runs each
+        node's share of a pipeline concurrently, so the push could overtake a DEL. With
+        ``atomic`` the publishes are one MULTI/EXEC (all of them in one slot, in a
+        cluster). A failure of either step as a whole (Redis unreachable) raises; nothing
+        was published if the first step raised.
+        """
+        deleted: list[int] = []
+        if cache_keys:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in cache_keys:  # one DEL per key: in a cluster they may sit in any slot
+                    pipe.delete(key)
+                deleted = list(await pipe.execute())
+        unencodable: dict[int, Exception] = {}
+        async with self._redis.pipeline(transaction=atomic) as pipe:
+            for index, notification in enumerate(notifications):
+                try:
+                    self._queue(notification, pipe)
+                except TypeError as exc:  # orjson: nesting too deep, non-string keys
+                    unencodable[index] = exc
+            queued = len(notifications) - len(unencodable)
+            replies = iter(await self._execute(pipe) if queued else [])
+        results = [
+            unencodable[index] if index in unencodable else _outcome(next(replies))
+            for index in range(len(notifications))
+        ]
+        return Sent(deleted, results)
+
+    def _queue(self, notification: Notification, pipe: Pipe) -> None:
         """Add the publish to ``pipe``; its result is ``parse_result`` of that pipeline slot.
 
         Sent as a plain EVALSHA: redis-py refuses script objects in cluster pipelines, and
-        :meth:`execute` makes sure the script is there, on one node or on every primary.
+        :meth:`_execute` makes sure the script is there, on one node or on every primary.
         """
         script_keys, args = self._call(notification)
         pipe.execute_command("EVALSHA", self._sha, len(script_keys), *script_keys, *args)
 
-    async def execute(self, pipe: Pipe, raise_on_error: bool = True) -> list[Any]:
+    async def _execute(self, pipe: Pipe) -> list[Any]:
         """Run ``pipe`` once every primary has the script.
 
         A restarted node, and a replica promoted by a failover, start without it (scripts
@@ -116,7 +165,7 @@ class Publisher:
         """
         if not all(await self._redis.script_exists(self._sha)):
             await self._redis.script_load(_PUBLISH)
-        return list(await pipe.execute(raise_on_error=raise_on_error))
+        return list(await pipe.execute(raise_on_error=False))
 
     def _call(self, notification: Notification) -> tuple[list[str], list[str | bytes | int]]:
         user = notification.user_id
@@ -141,10 +190,14 @@ class Publisher:
 
 
 def parse_result(raw: Sequence[Any]) -> Published:
-    event_id = parse_event_id(raw[0].decode() if isinstance(raw[0], bytes) else raw[0])
+    event_id = parse_event_id(text(raw[0]))
     if event_id is None:
         raise ValueError(f"publish script returned a malformed id: {raw[0]!r}")
     return Published(event_id, duplicate=int(raw[1]) == 0)
+
+
+def _outcome(reply: Any) -> Published | Exception:
+    return reply if isinstance(reply, Exception) else parse_result(reply)
 
 
 def new_epoch() -> str:

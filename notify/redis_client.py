@@ -42,6 +42,11 @@ Client = Redis | RedisCluster
 UNAVAILABLE: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
 
 
+def text(value: bytes | str) -> str:
+    """A reply's string: bytes from a client without ``decode_responses``, str with it."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class _HiredisPacking:
     def pack_command(self, *args: Any) -> list[bytes]:
         # As redis-py: a command name such as "SCRIPT EXISTS" is sent as two arguments.

@@ -17,7 +17,7 @@ import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
-from redis.crc import key_slot
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import RedisError
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -114,7 +114,7 @@ async def wait_for(condition: Callable[[], bool], within: float, what: str) -> N
 def shard_of(student: str, cluster: embedded.Cluster) -> int:
     """Which master serves the student: ``start_redis_cluster`` splits the slots evenly."""
     slot = key_slot(keys.channel(student).encode())
-    return min(slot // (16384 // cluster.masters), cluster.masters - 1)
+    return min(slot // (REDIS_CLUSTER_HASH_SLOTS // cluster.masters), cluster.masters - 1)
 
 
 def spread(cluster: embedded.Cluster, count: int) -> list[str]:

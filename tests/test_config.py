@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from bridge import rules
 from notify import config
 from notify.config import ConfigError
 
@@ -15,12 +16,12 @@ def test_gateway_defaults() -> None:
     assert settings.history.size == 100
     assert settings.history.ttl == 86_400
     assert settings.api_keys == {}
-    assert settings.redis_cluster is False
+    assert settings.redis.cluster is False
 
 
 def test_redis_cluster_switch() -> None:
-    assert config.load_gateway({**BASE, "REDIS_CLUSTER": "1"}).redis_cluster
-    assert not config.load_gateway({**BASE, "REDIS_CLUSTER": "0"}).redis_cluster
+    assert config.load_gateway({**BASE, "REDIS_CLUSTER": "1"}).redis.cluster
+    assert not config.load_gateway({**BASE, "REDIS_CLUSTER": "0"}).redis.cluster
 
 
 @pytest.mark.parametrize(
@@ -85,3 +86,15 @@ def test_kafka_settings() -> None:
         config.load_kafka(
             {"KAFKA_BOOTSTRAP_SERVERS": "a:1", "NOTIFY_KAFKA_TOPICS": "t", "NOTIFY_DLQ_TOPIC": "t"}
         )
+
+
+def test_a_trigger_update_deletes_what_the_built_in_rules_delete_for_a_student() -> None:
+    """NOTIFY_CACHE_KEYS defaults to the backend's cached views the rules also name."""
+    defaults = {template.text for template in config.load_gateway(BASE).cache_keys}
+    from_rules = {
+        template.text
+        for rule in rules.load(None).values()
+        for template in rule.cache_keys
+        if template.fields <= {"studentId", "courseId"}
+    }
+    assert defaults == from_rules
