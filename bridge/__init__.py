@@ -1,0 +1,1 @@
+"""The bridge: Kafka domain events to per-student notifications (docs/events.md)."""

@@ -1,0 +1,1 @@
+"""The WebSocket gateway: students' devices, the HTTP API, the console (docs/architecture.md)."""

@@ -31,7 +31,7 @@ from enum import Enum
 from typing import Protocol
 
 from notify import protocol
-from notify.protocol import DUPLICATE, GAP, CloseCode, EventId, text_frame
+from notify.protocol import DUPLICATE, GAP, CloseCode, EventId, classify, text_frame
 from notify.redis_client import UNAVAILABLE
 
 from .history import Replay
@@ -140,7 +140,7 @@ class Session:
                 self._hold(event_id, frame, size)
             return
         if event_id is not None:
-            order = protocol.classify(self._last, event_id)
+            order = classify(self._last, event_id)
             if order is DUPLICATE:
                 return
             if order is GAP:

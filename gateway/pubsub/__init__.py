@@ -1,0 +1,1 @@
+"""The process's Redis Pub/Sub: one connection per primary, channels routed by slot."""

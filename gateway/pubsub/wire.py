@@ -25,7 +25,7 @@ from redis.asyncio.connection import RedisSSLContext, SSLConnection, UnixDomainS
 from notify.redis_client import UNAVAILABLE
 
 from .listener import PubSubListener, Topology
-from .shard import Confirmed, Displaced, Event, Message, ProbeSeen, Refused, ShardProtocol
+from .shard import Confirmed, Displaced, Message, ProbeSeen, Refused, ShardProtocol
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class _Wire(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self._shard.handle(self, self._shard.protocol.receive_data(data))
+        self._shard.received(self, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(ConnectionLost(str(exc or "closed by redis")))
@@ -160,11 +160,11 @@ class Shard:
         self._probe_seen = time.monotonic()  # give the new channel a full deadline
         self._flush()
 
-    def handle(self, wire: _Wire, events: list[Event]) -> None:
+    def received(self, wire: _Wire, data: bytes) -> None:
         """Act on the events of one socket read, then flush the listener's writes."""
         listener = self._listener
         try:
-            for event in events:
+            for event in self.protocol.receive_data(data):
                 if type(event) is Message:
                     listener.message(event.channel, event.payload)
                 elif type(event) is ProbeSeen:
@@ -175,8 +175,8 @@ class Shard:
                     self._displaced(event.channel)
                 elif type(event) is Refused:
                     wire.fail(ConnectionLost(event.reason))
-        except Exception as exc:  # a bug in a listener: reconnect, which catches everyone up
-            log.exception("pubsub message handling failed")
+        except Exception as exc:  # a bug: reconnect, which catches everyone up
+            log.exception("pubsub reply handling failed")
             wire.fail(exc)
         finally:
             self._flush()
