@@ -19,10 +19,13 @@ transactions stays inside one slot.
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 import hiredis
+import redis.asyncio.connection
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -55,6 +58,55 @@ class _HiredisPacking:
         return [hiredis.pack_command(args)]
 
 
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, with one of its races reported as the error it means.
+
+    On CLUSTERDOWN, on a failed re-read of the slot map and when a pipeline starts over,
+    redis-py closes the connections of every node, those that other tasks are writing to or
+    reading from at that moment included. Those tasks then fail inside redis-py's
+    connection code with AttributeError or TypeError on the closed stream
+    (redis/redis-py#3546) instead of a ConnectionError. Reproduced with 100 concurrent
+    publishes through a master's failover (tests/test_cluster.py). Only errors raised in
+    that socket code are translated, so a bug of ours still surfaces as itself.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (AttributeError, TypeError) as exc:
+            raise _lost(exc) from exc
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # redis-py's own refusal
+        # redis-py's own class is abstract to mypy (an attribute its __init__ sets).
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        try:
+            results = await super().execute(raise_on_error, allow_redirections)
+        except (AttributeError, TypeError) as exc:
+            raise _lost(exc) from exc
+        # Without raise_on_error, a node's failure comes back as its commands' results.
+        return [
+            _lost(result) if isinstance(result, AttributeError | TypeError) else result
+            for result in results
+        ]
+
+
+def _lost(error: Exception) -> Exception:
+    """``error`` as a ConnectionError if redis-py's socket code raised it, else itself."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if frames and frames[-1].filename == _CONNECTION_MODULE:
+        return RedisConnectionError(f"connection closed while in use ({error!r})")
+    return error
+
+
+_CONNECTION_MODULE = redis.asyncio.connection.__file__
+
+
 def client(url: str, cluster: bool = False) -> Client:
     # The URL picks TCP, TLS or a Unix socket; packing is mixed into whichever it is.
     kind: type[AbstractConnection] = parse_url(url).get("connection_class", Connection)
@@ -69,5 +121,5 @@ def client(url: str, cluster: bool = False) -> Client:
         "retry_on_error": [RedisConnectionError],
     }
     if cluster:
-        return RedisCluster.from_url(url, **options)
+        return _Cluster.from_url(url, **options)
     return Redis.from_url(url, **options)

@@ -18,7 +18,6 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
-from redis.exceptions import RedisError
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -238,7 +237,7 @@ async def test_a_master_failover_leaves_no_client_silently_stale(
             try:
                 await publisher.publish(notification)
                 break
-            except RedisError:
+            except redis_client.UNAVAILABLE:
                 await asyncio.sleep(0.1)
         sent[student] = n + 1
 
@@ -278,6 +277,49 @@ async def test_a_master_failover_leaves_no_client_silently_stale(
     finally:
         stop_all(devices)
         await redis.aclose()
+
+
+async def test_concurrent_publishes_through_a_failover_fail_only_as_unavailable(
+    failover_cluster: embedded.Cluster,
+) -> None:
+    """Every producer retries on ``UNAVAILABLE``: anything else would crash the bridge or
+    answer 500. redis-py closes every node's connections on CLUSTERDOWN, including ones
+    other tasks are using at that moment, so this needs many publishes in flight."""
+    cluster = failover_cluster
+    redis = redis_client.client(cluster.address, cluster=True)
+    publisher = Publisher(redis, load_history({}))
+    unexpected: list[BaseException] = []
+    published = 0
+    running = True
+
+    async def publish_until_stopped(student: str) -> None:
+        nonlocal published
+        n = 0
+        while running:
+            notification = Notification(student, "E", {"n": n}, dedupe_key=str(n))
+            try:
+                await publisher.publish(notification)
+            except redis_client.UNAVAILABLE:
+                await asyncio.sleep(0.05)
+                continue
+            except Exception as exc:
+                unexpected.append(exc)
+                await asyncio.sleep(0.05)
+                continue
+            n += 1
+            published += 1
+
+    publishers = [asyncio.create_task(publish_until_stopped(unique("s"))) for _ in range(100)]
+    try:
+        await asyncio.sleep(1)
+        cluster.nodes[0].process.send_signal(signal.SIGKILL)
+        await asyncio.sleep(8)
+    finally:
+        running = False
+        await asyncio.gather(*publishers)
+        await redis.aclose()
+    assert published > 0
+    assert unexpected == [], {type(exc).__name__ for exc in unexpected}
 
 
 def migrate_slot(cluster: embedded.Cluster, slot: int, source: int, target: int) -> None:
