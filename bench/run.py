@@ -54,8 +54,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from wsload import Client, Stats, connect_many, publish_open_loop, resp
 
 from gateway.auth import mint
-from notify import config, embedded, keys, processes, redis_client
+from notify import config, embedded, processes, redis_client
+from notify.keys import Keys
 from notify.publish import _PUBLISH
+
+KEYS = Keys()
 
 SERVER_CORE, LOAD_CORE = 0, 1
 SECRET = "bench-" + "s" * 32
@@ -116,7 +119,7 @@ class Target:
     cluster: bool = False
 
     def route(self, user: str) -> int:
-        return self.owners[key_slot(keys.channel(user).encode())]
+        return self.owners[key_slot(KEYS.channel(user).encode())]
 
 
 def single(redis: embedded.Server) -> Target:
@@ -270,10 +273,17 @@ class Publisher:
     """Pre-encodes one student's publish so the open loop only formats the timestamps."""
 
     def __init__(
-        self, sha: bytes, mode: str, order: list[str], target: Target | None = None
+        self,
+        sha: bytes,
+        mode: str,
+        order: list[str],
+        target: Target | None = None,
+        epochs: dict[str, bytes] | None = None,
     ) -> None:
         self._sha = sha
         self._mode = mode
+        # Publish mode: each student's epoch, which its connection's welcome named.
+        self._epochs = epochs or {}
         # The student of the n-th message is order[n % len(order)].
         self._order = order
         self._seq: dict[str, int] = {}
@@ -287,16 +297,18 @@ class Publisher:
         t = time.perf_counter_ns()
         ts = time.time_ns() // 1_000_000
         body = b'"event":"BENCH","data":{"t":%d},"invalidate":[],"ts":%d}' % (t, ts)
+        seq = self._seq[user] = self._seq.get(user, 0) + 1
         meta, hist, chan = (
-            k.encode() for k in (keys.meta(user), keys.history(user), keys.channel(user))
+            k.encode() for k in (KEYS.meta(user), KEYS.history(user), KEYS.channel(user))
         )
         if self._mode == "contract":
+            # As Publisher sends a notification without a dedupe key (RETRY_WINDOW).
+            dedupe = KEYS.dedupe(user, f"retry:{seq}").encode()
             return resp(
-                b"EVALSHA", self._sha, b"2", meta, hist, chan,
-                b"be0c4000", body, b"100", b"86400", b"86400",
+                b"EVALSHA", self._sha, b"3", meta, hist, dedupe, chan,
+                b"be0c4000", body, b"100", b"86400", b"2592000", b"60", b"0",
             )  # fmt: skip
-        seq = self._seq[user] = self._seq.get(user, 0) + 1
-        frame = b'{"type":"event","id":"bench-%d",%s' % (seq, body)
+        frame = b'{"type":"event","id":"%s-%d",%s' % (self._epochs[user], seq, body)
         return resp(b"SPUBLISH", chan, frame)
 
 
@@ -349,6 +361,18 @@ async def script_sha(redis: embedded.Server | Target) -> bytes:
         await client.aclose()
 
 
+async def epochs(target: Target, users: list[str]) -> dict[str, bytes]:
+    """Each connected student's history epoch: plain SPUBLISH frames must continue it."""
+    client = redis_client.client(target.address, target.cluster)
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            for user in users:
+                pipe.hget(KEYS.meta(user), "epoch")
+            return dict(zip(users, await pipe.execute(), strict=True))
+    finally:
+        await client.aclose()
+
+
 async def fanout(redis: embedded.Server, args: argparse.Namespace, out: Report) -> None:
     sha = await script_sha(redis)
     for conns in (1000, 5000):
@@ -364,7 +388,7 @@ async def fanout(redis: embedded.Server, args: argparse.Namespace, out: Report) 
                     stack.gateway_port, [stack.path(u) for u in users], stats
                 )
                 order = pick(users, k=int(max(rates) * args.seconds))
-                publisher = Publisher(sha, mode, order)
+                publisher = Publisher(sha, mode, order, epochs=await epochs(single(redis), users))
                 steps = await run_steps(
                     stack,
                     f"C={conns} {mode}",
@@ -597,7 +621,7 @@ async def scale(_redis: embedded.Server, args: argparse.Namespace, out: Report) 
                     stack.gateway_port, [stack.path(u) for u in users], stats
                 )
                 order = random.Random(name).choices(users, k=int(max(rates) * args.seconds))
-                publisher = Publisher(sha, mode, order, target)
+                publisher = Publisher(sha, mode, order, target, await epochs(target, users))
                 steps = await run_steps(stack, name, rates, args.seconds, stats, publisher, 1)
                 for client in clients:
                     client.close()

@@ -10,7 +10,14 @@ Order of work for each batch from ``getmany``, the reason at-least-once holds:
 3. only then are the offsets committed.
 
 A crash anywhere before 3 redelivers the batch, and the publish contract's dedupe (keyed by
-``eventId`` per recipient) turns the redelivery into no second notification.
+``eventId`` per recipient) turns the redelivery into no second notification. A replay that
+comes after the dedupe window (a new consumer group, an offset reset) is recognised by its
+offset, which the contract keeps per student and partition (:class:`notify.publish.Source`).
+
+No message can stall the stream: one whose Redis work fails for a reason of its own is set
+aside after a few attempts, and one too large to be dead-lettered whole is dead-lettered as
+a truncated copy that says where the original is. Only an outage (Redis or Kafka not
+answering) holds the stream, for as long as it lasts.
 """
 
 from __future__ import annotations
@@ -24,12 +31,26 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
-from redis.exceptions import ResponseError
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 
 from notify import redis_client
 from notify.config import BridgeSettings
-from notify.publish import Notification, Publisher
+from notify.incarnation import Durability
+from notify.keys import Keys
+from notify.publish import Notification, Publisher, Source
 
 from . import envelope, rules
 from .metrics import BridgeMetrics
@@ -47,6 +68,25 @@ BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
 # A rebalance waits this long for the batch in hand; past it the rebalance goes on and the
 # batch's partitions are left uncommitted for their next owner (who deduplicates).
 REVOKE_WAIT = 30.0
+# Attempts of an event whose Redis work Redis rejects for a reason of its own (not an
+# outage) before it is set aside on the dead-letter topic.
+EVENT_ATTEMPTS = 3
+# A dead letter that cannot be sent whole carries this much of the original value.
+TRUNCATED_BYTES = 16_384
+
+# Redis errors that say nothing about the event: Redis is restarting, failing over, full
+# or busy. The batch waits them out.
+_OUTAGES = (
+    AskError,
+    BusyLoadingError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+)
+_OUTAGE_PREFIXES = ("BUSY", "MASTERDOWN", "NOREPLICAS")
 
 
 @dataclass(slots=True)
@@ -57,6 +97,12 @@ class _Item:
     outcome: Outcome | None = None
     # Why it goes to the dead-letter topic (set by parsing, or by Redis rejecting its work).
     reason: str | None = None
+    # Attempts Redis rejected its work so far.
+    rejected: int = 0
+
+
+class _Rejected(Exception):
+    """Redis rejected some events' work, not yet often enough to set them aside."""
 
 
 class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -81,7 +127,12 @@ class Bridge:
         self._settings = settings
         self._rules = rule_set
         self._redis = redis_client.client(settings.redis.url, settings.redis.cluster)
-        self._publisher = Publisher(self._redis, settings.history)
+        self._publisher = Publisher(
+            self._redis,
+            Keys(settings.redis.namespace),
+            settings.history,
+            Durability(self._redis),
+        )
         self._consumer, self._producer = self._new_clients()
         self.metrics = BridgeMetrics()
         self.idle = asyncio.Event()
@@ -116,6 +167,8 @@ class Bridge:
             group_id=kafka.group,
             enable_auto_commit=False,
             auto_offset_reset=kafka.offset_reset,
+            # A transactional producer's aborted writes never happened: never notify them.
+            isolation_level="read_committed",
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         producer = AIOKafkaProducer(
@@ -136,6 +189,7 @@ class Bridge:
                 await asyncio.wait_for(self._consumer.start(), BROKER_TIMEOUT)
                 log.info("bridge consuming %s", ",".join(self._settings.kafka.topics))
                 self._started = True
+                await self._check_retention()
                 return
             except (KafkaError, TimeoutError, OSError) as exc:
                 # Logged once per outage, not once per attempt.
@@ -159,6 +213,39 @@ class Bridge:
         await self._retry("dead-letter send", stop, lambda: self._send_dead(dead))
         await self._commit(offsets)
 
+    async def _check_retention(self) -> None:
+        """Warn when a topic keeps messages longer than the contract keeps Kafka positions.
+
+        A replay reaching further back (a new consumer group, an offset reset) would then
+        notify the oldest messages' students a second time.
+        """
+        keep_ms = self._settings.history.position_ttl * 1000
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.kafka.bootstrap)
+        try:
+            await asyncio.wait_for(admin.start(), BROKER_TIMEOUT)
+            resources = [
+                ConfigResource(ConfigResourceType.TOPIC, topic, {"retention.ms": None})
+                for topic in self._settings.kafka.topics
+            ]
+            responses = await asyncio.wait_for(admin.describe_configs(resources), BROKER_TIMEOUT)
+            for response in responses:
+                for _code, _message, _type, topic, entries in response.resources:
+                    for name, value, *_ in entries:
+                        if name == "retention.ms" and value and not 0 <= int(value) <= keep_ms:
+                            log.warning(
+                                "topic %s keeps messages for %s ms, longer than "
+                                "NOTIFY_POSITION_TTL (%d s): a replay of older messages "
+                                "would notify them again",
+                                topic,
+                                value,
+                                keep_ms // 1000,
+                            )
+        except Exception as exc:  # a broker without DescribeConfigs: nothing to compare
+            log.info("could not read the topics' retention.ms: %r", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+
     def _map(self, message: Any) -> _Item:
         try:
             event = envelope.parse(message.value)
@@ -166,7 +253,8 @@ class Bridge:
             if rule is None:
                 self.metrics.unknown_type.inc()
                 return _Item(message)
-            return _Item(message, outcome=rules.apply(rule, event))
+            source = Source(message.topic, message.partition, message.offset, message.timestamp)
+            return _Item(message, outcome=rules.apply(rule, event, source))
         except envelope.EnvelopeError as exc:
             return _Item(message, reason=str(exc))
 
@@ -180,12 +268,32 @@ class Bridge:
                 ("notify-dlq-partition", str(message.partition).encode()),
                 ("notify-dlq-offset", str(message.offset).encode()),
             ]
-            await asyncio.wait_for(
-                self._producer.send_and_wait(
-                    self._settings.kafka.dlq_topic, message.value, key=message.key, headers=headers
-                ),
-                BROKER_TIMEOUT,
-            )
+            value: bytes | None = message.value
+            try:
+                await self._dead_letter(value, message.key, headers)
+            except KafkaError as exc:
+                if exc.retriable:
+                    raise
+                # Refused for good (too large for the producer or the topic): a truncated
+                # copy still says what failed and where the original is, and the stream
+                # goes on. An empty one if even that is refused.
+                size = len(value or b"")
+                log.warning(
+                    "dead letter of %s[%d]@%d (%d bytes) refused (%r); sending it truncated",
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    size,
+                    exc,
+                )
+                headers.append(("notify-dlq-truncated", str(size).encode()))
+                try:
+                    await self._dead_letter((value or b"")[:TRUNCATED_BYTES], None, headers)
+                except KafkaError as again:
+                    if again.retriable:
+                        raise
+                    await self._dead_letter(None, None, headers)
+                self.metrics.dead_letters_truncated.inc()
             self.metrics.dead_lettered.labels(message.topic).inc()
             log.warning(
                 "dead-lettered %s[%d]@%d: %s",
@@ -195,14 +303,23 @@ class Bridge:
                 reason,
             )
 
+    async def _dead_letter(self, value: bytes | None, key: bytes | None, headers: Any) -> None:
+        await asyncio.wait_for(
+            self._producer.send_and_wait(
+                self._settings.kafka.dlq_topic, value, key=key, headers=headers
+            ),
+            BROKER_TIMEOUT,
+        )
+
     async def _publish(self, items: list[_Item]) -> None:
         """All Redis work of the batch: its cache keys first, then its publishes in Kafka order.
 
         A connection error raises and the whole batch is retried (the dedupe keys make that
         safe), and so does any error that says nothing about the event itself: NOSCRIPT
-        after a restart, OOM, READONLY after a failover, BUSY. Only an error tied to this
-        event (data that cannot be encoded, WRONGTYPE on its keys) would recur on every
-        retry, so that event is dead-lettered.
+        after a restart, OOM, READONLY after a failover, BUSY. An error about one event is
+        final at once if it must recur (data that cannot be encoded, WRONGTYPE on its keys);
+        any other gets EVENT_ATTEMPTS tries of the whole batch. A final error dead-letters
+        the event with Redis's answer as the reason.
         """
         work = [item for item in items if item.outcome is not None]
         stale: list[str] = []
@@ -213,14 +330,19 @@ class Bridge:
             sends.extend((item, notification) for notification in item.outcome.notifications)
         sent = await self._publisher.invalidate_then_publish(stale, [n for _, n in sends])
         for result in sent.results:
-            if isinstance(result, Exception) and not _event_specific(result):
+            if isinstance(result, Exception) and _outage(result):
                 raise result
+        rejected = False
         now = datetime.now(UTC)
         for (item, notification), result in zip(sends, sent.results, strict=True):
             if isinstance(result, TypeError):
                 item.reason = f"data cannot be encoded as JSON: {result}"
             elif isinstance(result, Exception):
-                item.reason = f"redis rejected the event's work: {result}"
+                item.rejected += 1
+                if item.rejected >= EVENT_ATTEMPTS or str(result).startswith("WRONGTYPE"):
+                    item.reason = f"redis rejected the event's work: {result}"
+                else:
+                    rejected = True
             elif result.duplicate:
                 self.metrics.deduplicated.inc()
             else:
@@ -231,6 +353,8 @@ class Bridge:
             occurred = item.outcome.occurred_at
             if occurred is not None and occurred.tzinfo is not None:
                 self.metrics.event_age.observe(max(0.0, (now - occurred).total_seconds()))
+        if rejected:
+            raise _Rejected("redis rejected an event's work; retrying the batch")
 
     async def _retry(
         self, what: str, stop: asyncio.Event, step: Callable[[], Awaitable[None]]
@@ -241,7 +365,7 @@ class Bridge:
         while True:
             try:
                 await step()
-            except (*redis_client.UNAVAILABLE, KafkaError, TimeoutError) as exc:
+            except (*redis_client.UNAVAILABLE, KafkaError, TimeoutError, _Rejected) as exc:
                 if not failing:
                     log.warning("%s failed (%s); retrying until it succeeds", what, exc)
                     failing = True
@@ -296,11 +420,13 @@ class Bridge:
         await self._redis.aclose()
 
 
-def _event_specific(error: Exception) -> bool:
-    """An error that retrying cannot cure because it is about the event itself."""
+def _outage(error: Exception) -> bool:
+    """A Redis error that is not about the event it answered."""
     if isinstance(error, TypeError):
-        return True
-    return isinstance(error, ResponseError) and str(error).startswith("WRONGTYPE")
+        return False
+    if isinstance(error, ResponseError) and not isinstance(error, _OUTAGES):
+        return str(error).startswith(_OUTAGE_PREFIXES)
+    return True
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

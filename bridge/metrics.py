@@ -36,6 +36,11 @@ class BridgeMetrics:
             ["topic"],
             registry=r,
         )
+        self.dead_letters_truncated = Counter(
+            "notify_bridge_dead_letters_truncated",
+            "Dead letters the producer or topic refused whole, sent as a truncated copy.",
+            registry=r,
+        )
         self.unknown_type = Counter(
             "notify_bridge_events_unknown_type",
             "Events skipped because no rule names their eventType.",

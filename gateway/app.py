@@ -29,13 +29,16 @@ from websockets.http11 import Request, Response
 
 from notify import redis_client
 from notify.config import GatewaySettings
+from notify.incarnation import Durability
+from notify.keys import Keys
 from notify.protocol import CloseCode
 from notify.publish import Publisher
 
 from . import api, assets
-from .auth import AuthError, TokenVerifier, bearer
+from .auth import AuthError, KeysUnavailable, TokenVerifier, bearer
 from .history import HistoryReader
 from .hub import Hub, JoinRefused
+from .intake import Intake
 from .metrics import GatewayMetrics
 from .presence import PresenceWriter
 from .pubsub.reader import Reader
@@ -55,16 +58,21 @@ class Gateway:
         self.settings = settings
         self.process_id = secrets.token_hex(6)
         self.redis = redis_client.client(settings.redis.url, settings.redis.cluster)
+        self.keys = Keys(settings.redis.namespace)
+        durability = Durability(self.redis)
+        self.publisher = Publisher(self.redis, self.keys, settings.history, durability)
         self.metrics = GatewayMetrics(lambda: self.hub.connection_count)
-        self.reader = Reader(self.redis, settings.redis.url, self.process_id)
+        self.intake = Intake(settings, self.metrics)
+        self.reader = Reader(self.redis, settings.redis.url, self.keys, self.process_id)
         self.presence = PresenceWriter(
-            self.redis, self.process_id, settings.presence_ttl, self._connections
+            self.redis, self.keys, self.process_id, settings.presence_ttl, self._connections
         )
         # Frames for one socket from one read of the Pub/Sub connection go out in one write:
         # the hub begins the batch, the reader's end of a read flushes it.
         self.batch = WriteBatch()
         self.hub = Hub(
             self.reader,
+            self.keys,
             self.batch,
             settings.max_connections_per_user,
             self.presence.changed,
@@ -72,7 +80,9 @@ class Gateway:
         )
         self.reader.attach(self.hub)
         self.verifier = TokenVerifier(settings.jwt)
-        self.history = HistoryReader(self.redis, HISTORY_READ_CONCURRENCY)
+        self.history = HistoryReader(
+            self.redis, self.keys, durability, settings.history, HISTORY_READ_CONCURRENCY
+        )
         # Every socket with a session, and its session (the keepalive sweeps them).
         self.sessions: dict[Socket, Session] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -99,7 +109,7 @@ class Gateway:
         self.reader.close()
         await self.redis.aclose()
 
-    def admit(self, request: Request) -> Response | Admission:
+    async def admit(self, request: Request) -> Response | Admission:
         """Check an upgrade request; a refusal is an HTTP response sent before the upgrade."""
         path, _, query = request.path.partition("?")
         if path != "/ws":
@@ -114,15 +124,23 @@ class Gateway:
         try:
             if token is None:
                 raise AuthError("missing token")
-            claims = self.verifier.verify(token)
+            claims = await self.verifier.verify(token)
         except AuthError as exc:
             return refusal(401, "unauthorized", str(exc))
-        return Admission(claims.user_id, claims.expires_at, _first(params, "since"))
+        except KeysUnavailable as exc:
+            log.warning("refusing a connection: %s", exc)
+            return refusal(503, "unavailable", "signing keys unavailable, retry later")
+        return Admission(claims.user_id, claims.expires_at, _first(params, "since"), claims.watch)
 
     async def open(self, socket: Socket, admission: Admission) -> Session | None:
         """Join the hub and queue welcome and catch-up; the socket is open from here on."""
         session = Session(
-            socket, admission.user, self.history, self.settings.send_queue_bytes, self.metrics
+            socket,
+            admission.user,
+            self.history,
+            self.settings.send_queue_bytes,
+            self.metrics,
+            admission.watch,
         )
         try:
             await self.hub.join(session)
@@ -210,7 +228,9 @@ def create_app(settings: GatewaySettings) -> Starlette:
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
-            *api.Api(settings, gateway.redis, Publisher(gateway.redis, settings.history)).routes(),
+            *api.Api(
+                settings, gateway.redis, gateway.keys, gateway.publisher, gateway.metrics
+            ).routes(),
             *assets.routes(),
         ],
         lifespan=lifespan,

@@ -12,21 +12,21 @@ from typing import Any
 
 import orjson
 
-from notify import keys
+from notify.keys import Keys
 from notify.redis_client import Client, text
 
 # Approximate trimming keeps the stream bounded at O(1) cost per append.
 MAX_ENTRIES = 100_000
 
 
-async def append(redis: Client, entry: dict[str, Any]) -> None:
+async def append(redis: Client, keys: Keys, entry: dict[str, Any]) -> None:
     record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **entry}
     await redis.xadd(
-        keys.AUDIT, {"entry": orjson.dumps(record)}, maxlen=MAX_ENTRIES, approximate=True
+        keys.audit, {"entry": orjson.dumps(record)}, maxlen=MAX_ENTRIES, approximate=True
     )
 
 
-async def recent(redis: Client, limit: int) -> list[dict[str, Any]]:
+async def recent(redis: Client, keys: Keys, limit: int) -> list[dict[str, Any]]:
     """Newest first."""
-    rows: list[Any] = await redis.xrevrange(keys.AUDIT, count=limit) or []
+    rows: list[Any] = await redis.xrevrange(keys.audit, count=limit) or []
     return [{"id": text(entry_id), **orjson.loads(fields[b"entry"])} for entry_id, fields in rows]

@@ -11,7 +11,10 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from notify import keys
+from notify import incarnation
+from notify.config import HistorySettings
+from notify.incarnation import Durability
+from notify.keys import Keys
 from notify.protocol import EventId
 from notify.redis_client import Client, text
 
@@ -21,62 +24,70 @@ class Replay:
     """What follows a client's position: the missed frames, or why they cannot be had."""
 
     frames: list[tuple[EventId, bytes]]
-    last_id: EventId | None
+    # The position after the frames (or the one a resync hands out): always set, since a
+    # student without events has one too (``<epoch>-0``).
+    last_id: EventId
     resync_reason: str | None = None
 
 
-async def current(redis: Client, user: str) -> EventId | None:
-    epoch, seq = await redis.hmget(keys.meta(user), ["epoch", "seq"])
-    return _id(epoch, seq)
-
-
-# KEYS: meta, history. ARGV: the XRANGE start. One atomic read of the sequence, the entries
-# after the client's position, and whether this node is the one the history was written on
-# (see the publish script in broker.py: a promoted replica may lack its last events).
-_READ = """
-local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'replid')
-local here = meta[3] == replid and 1 or 0
-return {meta[1], meta[2], here, redis.call('XRANGE', KEYS[2], ARGV[1], '+')}
+# KEYS: meta, history. ARGV: candidate epoch, durable flag, position ttl, then the client's
+# position (epoch, seq) if it has one. One atomic step: settle the incarnation (a read may
+# start the new one, so that the resync it answers hands out a position in it), then only
+# for a position the history can continue, the entries after it.
+_READ = (
+    incarnation.LUA
+    + """
+local epoch, seq, outcome = incarnation(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local after = tonumber(ARGV[5])
+if not after or outcome ~= 0 or ARGV[4] ~= epoch or after >= seq then
+  return {epoch, seq, outcome, {}}
+end
+local entries = redis.call('XRANGE', KEYS[2], '(0-' .. after, '+', 'COUNT', seq - after)
+return {epoch, seq, outcome, entries}
 """
+)
 
 
-async def after(redis: Client, user: str, position: EventId | None) -> Replay:
-    """Every event after ``position`` (None: from the history's first event), or a resync."""
-    after_seq = 0 if position is None else position.seq
-    epoch, seq, here, entries = await redis.eval(
-        _READ, 2, keys.meta(user), keys.history(user), f"(0-{after_seq}"
+async def after(
+    redis: Client, keys: Keys, durable: str, user: str, position: EventId | None, ttl: int
+) -> Replay:
+    """Every event after ``position``, or why not; None: the current position, no events.
+
+    The position returned is always in the current incarnation: a client that stores it
+    resumes from there, and never gets the same resync twice.
+    """
+    args: list[str | int] = [incarnation.new_epoch(), durable, ttl]
+    if position is not None:
+        args += [position.epoch, position.seq]
+    epoch, seq, outcome, entries = await redis.eval(
+        _READ, 2, keys.meta(user), keys.history(user), *args
     )
-    last = _id(epoch, seq)
-    if last is None:
-        # No history at all: fine for a client that has seen nothing, a loss for one that has.
-        return Replay([], None, None if position is None else "history expired")
-    if position is not None and (position.epoch != last.epoch or not here):
-        # Not here: the history moved to another node since its last event (a failover or
-        # a slot migration) and may have lost its newest events; the next publish starts
-        # a new epoch anyway.
+    last = EventId(text(epoch), int(seq))
+    if position is None:
+        return Replay([], last)
+    if outcome == incarnation.CREATED:
+        return Replay([], last, "history expired")
+    if outcome == incarnation.ENDED or position.epoch != last.epoch:
         return Replay([], last, "history epoch changed")
-    if after_seq > last.seq:
+    if position.seq > last.seq:
         return Replay([], last, "unknown id")
     # Each entry: [id, ["f", frame]], as the script returns it.
     frames = [
         (EventId(last.epoch, int(entry_id.split(b"-")[1])), fields[1])
         for entry_id, fields in entries
     ]
-    # The first missed event must directly follow the client's position, or some were
-    # trimmed away; entries past ``last`` cannot appear inside one transaction.
-    if after_seq < last.seq and (not frames or frames[0][0].seq != after_seq + 1):
-        return Replay([], last, "history trimmed")
+    if position.seq < last.seq:
+        # The first missed event must directly follow the client's position, or some were
+        # trimmed away; entries past ``last`` cannot appear inside one transaction.
+        if not frames:
+            return Replay([], last, "history expired")
+        if frames[0][0].seq != position.seq + 1:
+            return Replay([], last, "history trimmed")
     return Replay(frames, last)
 
 
-def _id(epoch: bytes | str | None, seq: bytes | str | None) -> EventId | None:
-    if epoch is None or seq is None:
-        return None
-    return EventId(text(epoch), int(seq))
-
-
-async def recent(redis: Client, user: str, limit: int) -> list[bytes]:
+async def recent(redis: Client, keys: Keys, user: str, limit: int) -> list[bytes]:
     """The student's last ``limit`` event frames, oldest first (for diagnosis)."""
     entries: list[Any] = await redis.xrevrange(keys.history(user), count=limit) or []
     return [fields[b"f"] for _entry_id, fields in reversed(entries)]
@@ -89,14 +100,21 @@ class HistoryReader:
     once, and unbounded that would open a Redis connection each.
     """
 
-    def __init__(self, redis: Client, concurrency: int) -> None:
+    def __init__(
+        self,
+        redis: Client,
+        keys: Keys,
+        durability: Durability,
+        history: HistorySettings,
+        concurrency: int,
+    ) -> None:
         self._redis = redis
+        self._keys = keys
+        self._durability = durability
+        self._ttl = history.position_ttl
         self._reads = asyncio.Semaphore(concurrency)
-
-    async def current(self, user: str) -> EventId | None:
-        async with self._reads:
-            return await current(self._redis, user)
 
     async def after(self, user: str, position: EventId | None) -> Replay:
         async with self._reads:
-            return await after(self._redis, user, position)
+            durable = await self._durability.flag()
+            return await after(self._redis, self._keys, durable, user, position, self._ttl)

@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 
-from notify import keys
+from notify.keys import Keys
 from notify.protocol import CloseCode, event_id_of, text_frame
 
 from .metrics import GatewayMetrics
@@ -37,12 +37,14 @@ class Hub:
     def __init__(
         self,
         reader: Reader,
+        keys: Keys,
         batch: WriteBatch,
         max_per_user: int,
         on_change: Callable[[str], None],
         metrics: GatewayMetrics,
     ) -> None:
         self._reader = reader
+        self._keys = keys
         self._batch = batch
         self._max_per_user = max_per_user
         # Told which student's connection count changed (presence).
@@ -57,7 +59,8 @@ class Hub:
         return self._count
 
     def connections(self, user: str) -> int:
-        return len(self._users.get(user, ()))
+        """The student's devices here (presence): an operator watching is not one."""
+        return sum(not session.watch for session in self._users.get(user, ()))
 
     async def join(self, session: Session) -> None:
         """Register ``session``; returns once its student's channel is subscribed."""
@@ -69,7 +72,7 @@ class Hub:
         self._on_change(session.user)
         try:
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
-                await self._reader.subscribe(keys.channel(session.user))
+                await self._reader.subscribe(self._keys.channel(session.user))
         except TimeoutError:
             self.leave(session)
             raise JoinRefused(CloseCode.TRY_AGAIN_LATER, "subscription unavailable") from None
@@ -86,12 +89,12 @@ class Hub:
         self._on_change(session.user)
         if not sessions:
             del self._users[session.user]
-            self._reader.unsubscribe(keys.channel(session.user))
+            self._reader.unsubscribe(self._keys.channel(session.user))
 
     # The reader's listener
 
     def message(self, channel: bytes, frame: bytes) -> None:
-        user = keys.user_of_channel(channel)
+        user = self._keys.user_of_channel(channel)
         sessions = self._users.get(user) if user is not None else None
         if not sessions:
             return
@@ -137,7 +140,7 @@ class Hub:
         self._reconnects.inc()
 
     def _served(self, channels: Iterable[str]) -> list[str]:
-        users = (keys.user_of_channel(channel.encode()) for channel in channels)
+        users = (self._keys.user_of_channel(channel.encode()) for channel in channels)
         return [user for user in users if user is not None and user in self._users]
 
 

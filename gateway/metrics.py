@@ -41,6 +41,19 @@ class GatewayMetrics:
             ["outcome"],
             registry=r,
         )
+        self.refused_connections = Counter(
+            "notify_gateway_connections_refused",
+            "TCP connections refused or dropped before their request: over the pending cap, "
+            "over the per-address rate, or past the handshake deadline.",
+            ["reason"],
+            registry=r,
+        )
+        self.api_refused = Counter(
+            "notify_gateway_api_refused",
+            "API calls answered with an error, by action and HTTP status (not audited).",
+            ["action", "status"],
+            registry=r,
+        )
         self.pubsub_reconnects = Counter(
             "notify_gateway_pubsub_reconnects",
             "Times a Pub/Sub connection (one per Redis shard) was replaced and its clients "

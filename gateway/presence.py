@@ -17,7 +17,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from notify import keys
+from notify.keys import Keys
 from notify.redis_client import UNAVAILABLE, Client, text
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,10 @@ HASH_TTL = 86_400
 
 class PresenceWriter:
     def __init__(
-        self, redis: Client, process_id: str, ttl: int, counts: Callable[[str], int]
+        self, redis: Client, keys: Keys, process_id: str, ttl: int, counts: Callable[[str], int]
     ) -> None:
         self._redis = redis
+        self._keys = keys
         self._process = process_id
         self._ttl = ttl
         # Refreshed three times per TTL, so one late refresh does not void the counts.
@@ -56,7 +57,7 @@ class PresenceWriter:
             self._wakeup.clear()
             try:
                 if loop.time() >= next_beat:
-                    await self._redis.set(keys.process(self._process), 1, ex=self._ttl)
+                    await self._redis.set(self._keys.process(self._process), 1, ex=self._ttl)
                     next_beat = loop.time() + self._refresh
                 await self._flush()
             except UNAVAILABLE as exc:
@@ -69,6 +70,7 @@ class PresenceWriter:
         if not users:
             return
         try:
+            keys = self._keys
             async with self._redis.pipeline(transaction=False) as pipe:
                 for user in users:
                     count = self._counts(user)
@@ -85,10 +87,10 @@ class PresenceWriter:
     async def withdraw(self) -> None:
         """On shutdown: drop this process's heartbeat so its counts vanish at once."""
         with contextlib.suppress(*UNAVAILABLE):
-            await self._redis.delete(keys.process(self._process))
+            await self._redis.delete(self._keys.process(self._process))
 
 
-async def count(redis: Client, user: str) -> int:
+async def count(redis: Client, keys: Keys, user: str) -> int:
     """The student's connections on every live gateway process; dead ones are pruned."""
     raw = await redis.hgetall(keys.presence(user))
     counts = {text(process_id): int(n) for process_id, n in raw.items()}

@@ -25,6 +25,8 @@ def uvicorn_config(app: Starlette, settings: GatewaySettings) -> uvicorn.Config:
         # and no compression are set there): notifications are small and encoded once per
         # process, and deflate would cost CPU and memory per connection for little gain.
         ws=bind(app.state.gateway, app.state.gateway.batch),
+        # uvicorn's own HTTP protocol, with a deadline and limits before the request.
+        http=app.state.gateway.intake.protocol(),
         # The access log would print every query string, and ?token= carries a credential;
         # what uvicorn still logs goes through logs.RedactSecrets.
         access_log=False,

@@ -6,9 +6,9 @@ cannot keep up overflows its byte budget and is closed (it resumes from history 
 one slow phone never delays anyone else. This module decides what to send and in which
 order; :mod:`.ws` does the I/O, and the history is read through what the session is given.
 
-Frames replayed from history are queued without counting against that limit: they are
-bounded by the history size already, and a client resuming a long backlog is catching up,
-not falling behind.
+Frames replayed from history count against that limit too. A replay that cannot fit into
+it is answered with a resync instead ("too far behind"): closing the client would not help,
+since the next resume would read the same replay again.
 
 Delivery is exact because the session keeps the id of the last event it queued and judges
 every live frame against it with one rule (:func:`notify.protocol.classify`): in order, it
@@ -67,9 +67,8 @@ class Sink(Protocol):
 class History(Protocol):
     """The student's history, as :class:`.history.HistoryReader` reads it."""
 
-    async def current(self, user: str) -> EventId | None: ...
-
-    async def after(self, user: str, position: EventId | None) -> Replay: ...
+    async def after(self, user: str, position: EventId | None) -> Replay:
+        """The events after ``position``, or why not; None: the current position only."""
 
 
 Held = tuple[EventId | None, bytes, int]
@@ -83,14 +82,19 @@ class Session:
         history: History,
         max_queue_bytes: int,
         metrics: GatewayMetrics,
+        watch: bool = False,
     ):
         self.user = user
+        # An operator watching: served like a device, but not one of the student's.
+        self.watch = watch
         self._sink = sink
         self._history = history
         self._max_queue_bytes = max_queue_bytes
         self._metrics = metrics
         self.phase = STARTING
-        self._last: EventId | None = None
+        # The last event queued (or the position a welcome or resync handed out); set by
+        # start() before anything is judged against it.
+        self._last = EventId("", 0)
         # Live frames held while not LIVE; their bytes count against max_queue_bytes like
         # queued ones.
         self._held: list[Held] = []
@@ -111,16 +115,19 @@ class Session:
         from here on is held; the history read below covers everything before.
         """
         if since is None:
-            head = await self._history.current(self.user)
+            head = (await self._history.after(self.user, None)).last_id
             self._last = head
             self.send(protocol.welcome(self.user, head, recovered=False))
         else:
             position = protocol.parse_event_id(since)
-            if since == protocol.FROM_START or position is not None:
+            if position is not None:
                 replay = await self._history.after(self.user, position)
             else:
-                head = await self._history.current(self.user)
+                # Also "0", which older clients stored for an empty history: it does not say
+                # which incarnation was empty, so only a resync is safe.
+                head = (await self._history.after(self.user, None)).last_id
                 replay = Replay([], head, "malformed id")
+            replay = self._bounded(replay)
             recovered = replay.resync_reason is None
             self._metrics.resumes.labels("recovered" if recovered else "resync").inc()
             self.send(protocol.welcome(self.user, replay.last_id, recovered=recovered))
@@ -184,7 +191,7 @@ class Session:
                 replay = await self._history.after(self.user, self._last)
                 if self.phase is CLOSED:
                     return
-                self._apply(replay)
+                self._apply(self._bounded(replay))
                 if not self._again:
                     # Releasing the held frames may reveal another hole, which asks again.
                     self._release_held()
@@ -205,17 +212,29 @@ class Session:
         self._held.append((event_id, frame, size))
         self._held_bytes += size
 
+    def _bounded(self, replay: Replay) -> Replay:
+        """``replay``, or a resync if its frames cannot fit into the send budget.
+
+        Replayed frames count against the budget like live ones. A replay larger than the
+        budget would close the client, and then again on every resume: the client is
+        better served reloading its stores.
+        """
+        size = sum(len(frame) for _id, frame in replay.frames)
+        if size > self._max_queue_bytes - self._sink.charged:
+            return Replay([], replay.last_id, "too far behind")
+        return replay
+
     def _apply(self, replay: Replay) -> None:
+        # The read was one transaction: the frames end exactly at last_id.
+        self._last = replay.last_id
         if replay.resync_reason is not None:
             self.send(protocol.resync(replay.resync_reason, replay.last_id))
-            self._last = replay.last_id
             return
         if replay.frames:
             # One write for the whole replay instead of one per event.
-            self._enqueue(b"".join(text_frame(frame) for _id, frame in replay.frames), 0)
+            frames = b"".join(text_frame(frame) for _id, frame in replay.frames)
+            self._enqueue(frames, len(frames))
         self._metrics.fanout.pushed["replay"] += len(replay.frames)
-        # The read was one transaction: the frames end exactly at last_id.
-        self._last = replay.last_id
 
     def _release_held(self) -> None:
         """Go live with the frames held meanwhile, in order."""
@@ -226,7 +245,7 @@ class Session:
         # like a hole forever); a newer one means the history changed during the read.
         # Either way one more read settles it, delivering what is new or saying resync,
         # instead of waiting for the next event to reveal the hole.
-        epoch = None if self._last is None else self._last.epoch
+        epoch = self._last.epoch
         kept = [h for h in held if h[0] is None or h[0].epoch == epoch]
         if len(kept) < len(held):
             self.catch_up()

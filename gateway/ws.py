@@ -14,7 +14,11 @@ what a connection starts with, who left) and :class:`Peer` (the session it serve
 Writes go straight to the transport while it accepts them, without a task per connection.
 Once the kernel buffer and the transport's own buffer fill up (a client not reading), frames
 wait in ``_pending``; live frames count against the connection's byte budget and the
-connection is closed with 4008 past it.
+connection is closed with 4008 past it. Meanwhile the socket stops reading the client: what
+the client sends may cause writes (websockets answers each ping with a pong, a ``ping``
+message gets a ``pong``), so a client that sends without reading would otherwise grow the
+transport's buffer without bound. With reading paused it can send nothing more, and the
+keepalive, which hears nothing from it, drops it.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class Admission:
     user: str
     expires_at: float
     since: str | None
+    # An operator's console watching the student, not one of the student's devices.
+    watch: bool = False
 
 
 class Peer(Protocol):
@@ -73,7 +79,7 @@ class Peer(Protocol):
 class SessionHandler(Protocol):
     """What the socket asks of the gateway (:class:`.app.Gateway`)."""
 
-    def admit(self, request: Request) -> Response | Admission:
+    async def admit(self, request: Request) -> Response | Admission:
         """Check an upgrade request; a refusal is an HTTP response sent instead."""
 
     async def open(self, socket: Socket, admission: Admission) -> Peer | None:
@@ -134,7 +140,10 @@ class Socket(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._pending: deque[tuple[bytes, int]] = deque()
         self.charged = 0
+        # The transport's buffer is past its high-water mark (the client is not reading).
         self._paused = False
+        # Whether the transport reads: not until the welcome is queued, not while paused.
+        self._reading = True
         # Frames held for one write while the hub's WriteBatch is active.
         self._corked: list[bytes] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
@@ -181,6 +190,7 @@ class Socket(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
+        self._read_if_allowed()
 
     def resume_writing(self) -> None:
         self._paused = False
@@ -190,6 +200,7 @@ class Socket(asyncio.Protocol):
             frame, charge = self._pending.popleft()
             self.charged -= charge
             transport.write(frame)
+        self._read_if_allowed()
 
     # What the connection and the gateway ask of the socket
 
@@ -256,30 +267,16 @@ class Socket(asyncio.Protocol):
     # Internals
 
     def _handshake(self, request: Request) -> None:
-        try:
-            admission = self.handler.admit(request)
-        except Exception:
-            # Must not escape: uvicorn hands the connection over only after this returns.
-            log.exception("refusing a WebSocket handshake that could not be checked")
-            admission = refusal(400, "bad_request", "the upgrade request could not be read")
-        response = admission if isinstance(admission, Response) else self._ws.accept(request)
-        self._ws.send_response(response)
-        assert self._transport is not None
-        log.info(
-            '%s - "WebSocket %s" %d',
-            _peer(self._transport),
-            request.path,
-            response.status_code,
-        )
-        if isinstance(admission, Response) or response.status_code != 101:
-            return
-        # Client frames wait until the welcome is queued: it must be the first frame.
-        self._transport.pause_reading()
-        self._started = asyncio.get_running_loop().create_task(self._start(admission))
+        # Checking the token may fetch signing keys; client frames wait meanwhile, and
+        # until the welcome is queued: it must be the first frame.
+        self._started = asyncio.get_running_loop().create_task(self._start(request))
+        self._read_if_allowed()
 
-    async def _start(self, admission: Admission) -> None:
+    async def _start(self, request: Request) -> None:
         try:
-            self.session = await self.handler.open(self, admission)
+            admission = await self._admit(request)
+            if admission is not None:
+                self.session = await self.handler.open(self, admission)
         except Exception:
             # Never leave an upgraded socket silent, without a welcome: drop it, the client
             # reconnects and resumes.
@@ -288,8 +285,39 @@ class Socket(asyncio.Protocol):
             return
         finally:
             self._started = None
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
+        self._read_if_allowed()
+
+    async def _admit(self, request: Request) -> Admission | None:
+        """Answer the upgrade request: 101, or a refusal (then None)."""
+        try:
+            admission = await self.handler.admit(request)
+        except Exception:
+            log.exception("refusing a WebSocket handshake that could not be checked")
+            admission = refusal(400, "bad_request", "the upgrade request could not be read")
+        response = admission if isinstance(admission, Response) else self._ws.accept(request)
+        self._ws.send_response(response)
+        self._flush_protocol()
+        if self._transport is not None:
+            log.info(
+                '%s - "WebSocket %s" %d',
+                _peer(self._transport),
+                logs.redact_url(request.path),
+                response.status_code,
+            )
+        if isinstance(admission, Response) or response.status_code != 101:
+            return None
+        return admission
+
+    def _read_if_allowed(self) -> None:
+        transport = self._transport
+        reading = self._started is None and not self._paused
+        if reading is self._reading or transport is None or transport.is_closing():
+            return
+        self._reading = reading
+        if reading:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
 
     def _frame(self, frame: Frame) -> None:
         """Collect a client message from its frames; control frames are websockets' job."""

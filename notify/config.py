@@ -11,10 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from redis.asyncio.connection import parse_url
 
 from .cache_keys import CacheKeyTemplate
 
@@ -23,6 +25,7 @@ DEFAULT_TOPICS = ("purchase.events", "allocation.events", "session.events")
 MIN_SECRET_BYTES = 32
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{0,32}$")
 
 
 class ConfigError(Exception):
@@ -76,10 +79,12 @@ def load_redis_cluster(env: Mapping[str, str]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
-    """Where the Redis of notifications is: one node, or any node of a cluster."""
+    """Where the Redis of notifications is (one node, or any node of a cluster), and the
+    namespace that keeps this deployment's keys and channels apart from others there."""
 
     url: str
     cluster: bool
+    namespace: str
 
 
 def load_redis(env: Mapping[str, str]) -> RedisSettings:
@@ -87,9 +92,15 @@ def load_redis(env: Mapping[str, str]) -> RedisSettings:
     cluster = load_redis_cluster(env)
     if cluster and urlsplit(url).scheme == "unix":
         raise ConfigError("REDIS_CLUSTER", "a cluster is reached over TCP, not a unix:// URL")
-    if cluster and urlsplit(url).path.strip("/") not in ("", "0"):
+    db = parse_url(url).get("db", 0)
+    if cluster and db != 0:
         raise ConfigError("REDIS_URL", "a cluster has database 0 only")
-    return RedisSettings(url, cluster)
+    # Pub/Sub ignores the database: deployments sharing a Redis through database indexes
+    # would share channels without a namespace of their own.
+    namespace = _get(env, "NOTIFY_NAMESPACE") or ("" if db == 0 else f"db{db}")
+    if not _NAMESPACE.match(namespace):
+        raise ConfigError("NOTIFY_NAMESPACE", f"must match {_NAMESPACE.pattern}, got {namespace!r}")
+    return RedisSettings(url, cluster, namespace)
 
 
 def _bootstrap(env: Mapping[str, str]) -> str:
@@ -111,10 +122,16 @@ def _topic(name: str, raw: str) -> str:
 class JwtSettings:
     """How student tokens are verified (and, with a shared secret, minted)."""
 
-    key: str
+    # The HS256 secret or the PEM public key; None when keys come from ``jwks_url``.
+    key: str | None
     algorithms: tuple[str, ...]
     audience: str | None
     issuer: str | None
+    # Seconds of clock difference tolerated on exp, nbf and iat.
+    leeway: int = 5
+    jwks_url: str | None = None
+    # Seconds a JWKS is trusted before it is fetched again.
+    jwks_refresh: int = 300
 
     @property
     def can_mint(self) -> bool:
@@ -124,14 +141,26 @@ class JwtSettings:
 def load_jwt(env: Mapping[str, str]) -> JwtSettings:
     secret = _get(env, "NOTIFY_JWT_SECRET")
     pem = _get(env, "NOTIFY_JWT_PUBLIC_KEY")
+    jwks = _get(env, "NOTIFY_JWKS_URL")
     audience = _get(env, "NOTIFY_JWT_AUDIENCE")
     issuer = _get(env, "NOTIFY_JWT_ISSUER")
-    if secret and pem:
-        raise ConfigError("NOTIFY_JWT_SECRET", "set it or NOTIFY_JWT_PUBLIC_KEY, not both")
+    leeway = _int(env, "NOTIFY_JWT_LEEWAY", 5, 0, 300)
+    if sum(bool(source) for source in (secret, pem, jwks)) > 1:
+        raise ConfigError(
+            "NOTIFY_JWT_SECRET", "set one of it, NOTIFY_JWT_PUBLIC_KEY and NOTIFY_JWKS_URL"
+        )
     if secret:
         if len(secret.encode()) < MIN_SECRET_BYTES:
             raise ConfigError("NOTIFY_JWT_SECRET", f"must be at least {MIN_SECRET_BYTES} bytes")
-        return JwtSettings(secret, ("HS256",), audience, issuer)
+        return JwtSettings(secret, ("HS256",), audience, issuer, leeway)
+    if jwks:
+        if urlsplit(jwks).scheme not in ("http", "https"):
+            raise ConfigError("NOTIFY_JWKS_URL", "must be an http:// or https:// URL")
+        refresh = _int(env, "NOTIFY_JWKS_REFRESH", 300, 1, 86_400)
+        # Each key's algorithm comes from the set; asymmetric ones only.
+        return JwtSettings(
+            None, ("RS256", "ES256", "EdDSA"), audience, issuer, leeway, jwks, refresh
+        )
     if pem:
         # Pinning the algorithm to the key type prevents algorithm-confusion attacks
         # (an HS256 token "signed" with the public key as its secret).
@@ -145,28 +174,48 @@ def load_jwt(env: Mapping[str, str]) -> JwtSettings:
             algorithms = ("ES256",)
         else:
             raise ConfigError("NOTIFY_JWT_PUBLIC_KEY", "must be an RSA or EC (P-256) key")
-        return JwtSettings(pem.replace("\\n", "\n"), algorithms, audience, issuer)
+        return JwtSettings(pem.replace("\\n", "\n"), algorithms, audience, issuer, leeway)
     raise ConfigError(
-        "NOTIFY_JWT_SECRET", "is required (or NOTIFY_JWT_PUBLIC_KEY for RS256/ES256 tokens)"
+        "NOTIFY_JWT_SECRET",
+        "is required (or NOTIFY_JWT_PUBLIC_KEY for RS256/ES256 tokens, or NOTIFY_JWKS_URL)",
     )
 
 
-def _api_keys(env: Mapping[str, str]) -> dict[str, str]:
+class Role(Enum):
+    """What an API key may do. A publisher (a backend service) publishes notifications; an
+    operator also fires trigger-updates, reads histories, presence and the audit log, and
+    obtains watch tokens (the console)."""
+
+    PUBLISHER = "publisher"
+    OPERATOR = "operator"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    key: str
+    role: Role
+
+
+def _api_keys(env: Mapping[str, str]) -> dict[str, ApiKey]:
     raw = _get(env, "NOTIFY_API_KEYS")
-    keys: dict[str, str] = {}
+    keys: dict[str, ApiKey] = {}
     if raw is None:
         return keys
+    roles = {role.value: role for role in Role}
     for item in raw.split(","):
-        name, sep, key = item.strip().partition("=")
+        label, sep, key = item.strip().partition("=")
+        name, _, role = label.partition(":")
         if not sep or not _KEY_NAME.match(name) or len(key) < 16:
             raise ConfigError(
                 "NOTIFY_API_KEYS",
-                "expected name=key pairs separated by commas, names [A-Za-z0-9_.-], "
-                "keys of at least 16 characters",
+                "expected name=key or name:role=key items separated by commas, names "
+                "[A-Za-z0-9_.-], keys of at least 16 characters",
             )
+        if role and role not in roles:
+            raise ConfigError("NOTIFY_API_KEYS", f"{name}: the role must be publisher or operator")
         if name in keys:
             raise ConfigError("NOTIFY_API_KEYS", f"the name {name!r} appears twice")
-        keys[name] = key
+        keys[name] = ApiKey(key, roles.get(role, Role.PUBLISHER))
     return keys
 
 
@@ -174,15 +223,23 @@ def _api_keys(env: Mapping[str, str]) -> dict[str, str]:
 class HistorySettings:
     """How much of each student's past the publish contract keeps for resume."""
 
+    # Events kept per student, and seconds they are kept after the student's last event.
     size: int
     ttl: int
+    # Seconds a student's position (the incarnation and last sequence number) and Kafka
+    # positions outlive the student's last publish or connection: a client resuming within
+    # it is told exactly what it missed; a Kafka replay within it notifies nothing twice.
+    position_ttl: int
+    # Seconds an event id or idempotency key is remembered.
     dedupe_ttl: int
 
 
 def load_history(env: Mapping[str, str]) -> HistorySettings:
+    ttl = _int(env, "NOTIFY_HISTORY_TTL", 86_400, 60, 30 * 86_400)
     return HistorySettings(
         size=_int(env, "NOTIFY_HISTORY_SIZE", 100, 1, 100_000),
-        ttl=_int(env, "NOTIFY_HISTORY_TTL", 86_400, 60, 30 * 86_400),
+        ttl=ttl,
+        position_ttl=_int(env, "NOTIFY_POSITION_TTL", 30 * 86_400, ttl, 365 * 86_400),
         dedupe_ttl=_int(env, "NOTIFY_DEDUPE_TTL", 86_400, 86_400, 30 * 86_400),
     )
 
@@ -220,7 +277,7 @@ class GatewaySettings:
     host: str
     port: int
     jwt: JwtSettings
-    api_keys: dict[str, str]
+    api_keys: dict[str, ApiKey]
     history: HistorySettings
     send_queue_bytes: int
     # Seconds.
@@ -228,6 +285,11 @@ class GatewaySettings:
     ping_timeout: int
     max_connections: int
     max_connections_per_user: int
+    # Connections before their request head (slowloris): seconds to deliver it, how many
+    # at once per process, and new ones per second per client address (0: no limit).
+    handshake_timeout: int
+    max_pending_connections: int
+    connect_rate: int
     presence_ttl: int
     api_rate_limit: int
     cache_keys: tuple[CacheKeyTemplate, ...]
@@ -246,6 +308,9 @@ def load_gateway(env: Mapping[str, str]) -> GatewaySettings:
         ping_timeout=_int(env, "NOTIFY_PING_TIMEOUT", 20, 1, 3600),
         max_connections=_int(env, "NOTIFY_MAX_CONNECTIONS", 50_000, 1, 10_000_000),
         max_connections_per_user=_int(env, "NOTIFY_MAX_CONNECTIONS_PER_USER", 10, 1, 10_000),
+        handshake_timeout=_int(env, "NOTIFY_HANDSHAKE_TIMEOUT", 10, 1, 300),
+        max_pending_connections=_int(env, "NOTIFY_MAX_PENDING_CONNECTIONS", 1000, 1, 1_000_000),
+        connect_rate=_int(env, "NOTIFY_CONNECT_RATE", 200, 0, 1_000_000),
         presence_ttl=_int(env, "NOTIFY_PRESENCE_TTL", 45, 3, 600),
         api_rate_limit=_int(env, "NOTIFY_API_RATE_LIMIT", 100, 1, 1_000_000),
         cache_keys=_cache_keys(env),

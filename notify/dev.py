@@ -74,7 +74,7 @@ def run_dev() -> int:
             started.append(embedded.start_kafka())
             env["KAFKA_BOOTSTRAP_SERVERS"] = started[-1].address
         env.setdefault("NOTIFY_JWT_SECRET", secrets.token_urlsafe(32))
-        env.setdefault("NOTIFY_API_KEYS", f"dev={secrets.token_urlsafe(24)}")
+        env.setdefault("NOTIFY_API_KEYS", f"dev:operator={secrets.token_urlsafe(24)}")
         env.setdefault("NOTIFY_HOST", "127.0.0.1")
         env["PORT"] = str(_port(env))
         env.setdefault("BRIDGE_PORT", str(embedded.free_port()))

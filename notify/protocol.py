@@ -5,9 +5,10 @@ definition of what goes over the wire (see docs/protocol.md).
 
 An event id is ``<epoch>-<seq>``. ``seq`` counts one student's notifications (1, 2, 3, ...
 with no holes) and ``epoch`` names the incarnation of that student's history: when the
-history is lost (expiry, FLUSHALL, a Redis restart without persistence) the next publish
-starts a new epoch, so an id from the old one can never be mistaken for a resumable
-position. Clients treat ids as opaque strings.
+history may have lost events (expiry, FLUSHALL, a failover; see :mod:`.incarnation`) a new
+epoch starts, so an id from the old one can never be mistaken for a resumable position.
+Every position the server hands out names its incarnation, ``<epoch>-0`` before its first
+event. Clients treat ids as opaque strings.
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ from typing import Any, NamedTuple
 import orjson
 from websockets.frames import Frame, Opcode
 
-_EVENT_ID = re.compile(r"^([a-z0-9]{1,32})-([1-9][0-9]{0,18})$")
+# Sequence 0 is the position before an incarnation's first event.
+_EVENT_ID = re.compile(r"^([a-z0-9]{1,32})-(0|[1-9][0-9]{0,18})$")
 # Every event frame starts with this prefix (the publish script writes it), which lets the
 # gateway read an event's id without parsing the JSON of every message it fans out.
 EVENT_PREFIX = b'{"type":"event","id":"'
 MAX_CLIENT_FRAME_BYTES = 4096
-# ``since`` of a client that has processed nothing of the history yet (its welcome said
-# last_id null): everything in the history is missed, not merely what comes next.
-FROM_START = "0"
 
 
 class CloseCode(IntEnum):
@@ -65,15 +64,13 @@ class Order(Enum):
 IN_ORDER, DUPLICATE, GAP = Order.IN_ORDER, Order.DUPLICATE, Order.GAP
 
 
-def classify(last: EventId | None, event: EventId) -> Order:
-    """The one ordering rule of delivery: ``event`` after ``last`` (None: nothing sent yet).
+def classify(last: EventId, event: EventId) -> Order:
+    """The one ordering rule of delivery: ``event`` after ``last``, the last one sent.
 
     Another epoch is always a gap: the old incarnation may have ended with events this
     client never got (a failover loses the primary's last writes), and only the history can
     tell, by answering with a resync.
     """
-    if last is None:
-        return IN_ORDER if event.seq == 1 else GAP  # a history's first event
     if event.epoch != last.epoch:
         return GAP
     if event.seq <= last.seq:
@@ -114,21 +111,12 @@ def event_body(event: str, data: dict[str, Any], invalidate: list[str], ts: int)
     return orjson.dumps({"event": event, "data": data, "invalidate": invalidate, "ts": ts})[1:]
 
 
-def welcome(user: str, last_id: EventId | None, recovered: bool) -> str:
-    return _text(
-        {
-            "type": "welcome",
-            "user": user,
-            "last_id": None if last_id is None else str(last_id),
-            "recovered": recovered,
-        }
-    )
+def welcome(user: str, last_id: EventId, recovered: bool) -> str:
+    return _text({"type": "welcome", "user": user, "last_id": str(last_id), "recovered": recovered})
 
 
-def resync(reason: str, last_id: EventId | None) -> str:
-    return _text(
-        {"type": "resync", "reason": reason, "last_id": None if last_id is None else str(last_id)}
-    )
+def resync(reason: str, last_id: EventId) -> str:
+    return _text({"type": "resync", "reason": reason, "last_id": str(last_id)})
 
 
 PONG = '{"type":"pong"}'

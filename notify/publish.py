@@ -1,10 +1,10 @@
 """The publish contract every producer uses: bridge, HTTP API and CLI alike.
 
 One Lua script does, atomically for one student: skip a notification whose dedupe key was
-already published (returning the original id), start a new history incarnation (epoch) if
-the student has none or its keys now live on another node (a promoted replica, a migrated
-slot), take the next sequence number, append the finished event frame to the bounded
-history stream, refresh the expiry, and SPUBLISH the same frame on the student's channel.
+already published (returning the original id) or whose Kafka offset was, settle which
+history incarnation (epoch) is current (:mod:`.incarnation`), take the next sequence
+number, append the finished event frame to the bounded history stream, refresh the
+expiries, and SPUBLISH the same frame on the student's channel.
 Because history and live delivery come from a single step, a gateway that reads history
 after subscribing can never see a hole between them.
 
@@ -25,42 +25,67 @@ from typing import Any
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 
-from . import keys
+from . import incarnation
 from .config import HistorySettings
+from .incarnation import Durability
+from .keys import Keys
 from .protocol import EventId, event_body, parse_event_id
 from .redis_client import Client, text
 
-# KEYS: meta, history[, dedupe]. ARGV: channel, candidate epoch, frame body, history size,
-# history ttl, dedupe ttl. Returns {id, 1} when published, {id, 0} for a duplicate.
-_PUBLISH = """
-local dedupe = KEYS[3]
-if dedupe then
-  local prior = redis.call('GET', dedupe)
-  if prior then return {prior, 0} end
+# KEYS: meta, history, dedupe. ARGV: channel, candidate epoch, frame body, history size,
+# history ttl, position ttl, dedupe ttl, durable flag, then for an event read from Kafka its
+# partition ("<topic>/<partition>"), offset and timestamp (ms). Returns {id, 1} when
+# published, {id, 0} for a duplicate (the first publish's id, or the current one for a
+# replayed Kafka offset).
+_PUBLISH = (
+    incarnation.LUA
+    + """
+local prior = redis.call('GET', KEYS[3])
+if prior then return {prior, 0} end
+local epoch, seq = incarnation(KEYS[1], KEYS[2], ARGV[2], ARGV[8], ARGV[6])
+local partition = ARGV[9]
+local newest = ARGV[11]
+if partition then
+  -- The highest offset of this partition already published for the student, and the
+  -- newest timestamp up to it. Anything at or below both is a replay (a new consumer
+  -- group, an offset reset), even long after its dedupe key expired. A recreated topic
+  -- starts its offsets again, but with newer timestamps, so it is not taken for a replay.
+  local seen = redis.call('HMGET', KEYS[1], 'ko:' .. partition, 'kt:' .. partition)
+  if seen[1] and tonumber(ARGV[10]) <= tonumber(seen[1])
+     and tonumber(ARGV[11]) <= tonumber(seen[2]) then
+    return {epoch .. '-' .. seq, 0}
+  end
+  if seen[2] and tonumber(seen[2]) > tonumber(newest) then newest = seen[2] end
 end
--- The node's replication id changes when a replica is promoted. Asynchronous replication
--- may have lost the old primary's last events, and continuing its sequence would hand
--- their ids to other events: a client that saw the lost ones would skip the new ones.
-local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'replid')
-local epoch = meta[1]
-if not epoch or meta[2] ~= replid then
-  -- A new incarnation. A history that outlived its meta (eviction, a manual DEL) or its
-  -- primary belongs to the old one: its ids would collide with the new sequence.
-  epoch = ARGV[2]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'replid', replid, 'seq', 0)
-end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local id = epoch .. '-' .. seq
 local frame = '{"type":"event","id":"' .. id .. '",' .. ARGV[3]
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '0-' .. seq, 'f', frame)
-redis.call('EXPIRE', KEYS[1], ARGV[5])
+if partition then
+  redis.call('HSET', KEYS[1], 'ko:' .. partition, ARGV[10], 'kt:' .. partition, newest)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-if dedupe then redis.call('SET', dedupe, id, 'EX', ARGV[6]) end
+redis.call('SET', KEYS[3], id, 'EX', ARGV[7])
 redis.call('SPUBLISH', ARGV[1], frame)
 return {id, 1}
 """
+)
+
+# A notification published without a dedupe key gets one anyway, remembered this long:
+# redis-py re-sends a command whose reply was lost with the connection (it may have run),
+# and within this window such a retry returns the first id instead of publishing twice.
+RETRY_WINDOW = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a notification's event was read in Kafka."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +99,9 @@ class Notification:
     # An event id or idempotency key: a second publish with the same key for the same user
     # within the dedupe window returns the first id and delivers nothing.
     dedupe_key: str | None = None
+    # For an event read from Kafka: a replay of its offset notifies nothing, for as long
+    # as the student's position is kept.
+    source: Source | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,10 +126,14 @@ Pipe = Pipeline | ClusterPipeline
 
 
 class Publisher:
-    def __init__(self, redis: Client, history: HistorySettings) -> None:
+    def __init__(
+        self, redis: Client, keys: Keys, history: HistorySettings, durability: Durability
+    ) -> None:
         self._redis = redis
+        self._keys = keys
         self._sha = hashlib.sha1(_PUBLISH.encode()).hexdigest()  # noqa: S324 - Redis's script id
         self._history = history
+        self._durability = durability
 
     async def publish(self, notification: Notification) -> Published:
         """Publish one notification; raises what stopped it."""
@@ -132,10 +164,11 @@ class Publisher:
                     pipe.delete(key)
                 deleted = list(await pipe.execute())
         unencodable: dict[int, Exception] = {}
+        durable = await self._durability.flag()
         async with self._redis.pipeline(transaction=atomic) as pipe:
             for index, notification in enumerate(notifications):
                 try:
-                    self._queue(notification, pipe)
+                    self._queue(notification, durable, pipe)
                 except TypeError as exc:  # orjson: nesting too deep, non-string keys
                     unencodable[index] = exc
             queued = len(notifications) - len(unencodable)
@@ -146,13 +179,13 @@ class Publisher:
         ]
         return Sent(deleted, results)
 
-    def _queue(self, notification: Notification, pipe: Pipe) -> None:
+    def _queue(self, notification: Notification, durable: str, pipe: Pipe) -> None:
         """Add the publish to ``pipe``; its result is ``parse_result`` of that pipeline slot.
 
         Sent as a plain EVALSHA: redis-py refuses script objects in cluster pipelines, and
         :meth:`_execute` makes sure the script is there, on one node or on every primary.
         """
-        script_keys, args = self._call(notification)
+        script_keys, args = self._call(notification, durable)
         pipe.execute_command("EVALSHA", self._sha, len(script_keys), *script_keys, *args)
 
     async def _execute(self, pipe: Pipe) -> list[Any]:
@@ -167,11 +200,14 @@ class Publisher:
             await self._redis.script_load(_PUBLISH)
         return list(await pipe.execute(raise_on_error=False))
 
-    def _call(self, notification: Notification) -> tuple[list[str], list[str | bytes | int]]:
-        user = notification.user_id
-        script_keys = [keys.meta(user), keys.history(user)]
-        if notification.dedupe_key is not None:
-            script_keys.append(keys.dedupe(user, notification.dedupe_key))
+    def _call(
+        self, notification: Notification, durable: str
+    ) -> tuple[list[str], list[str | bytes | int]]:
+        user, keys, history = notification.user_id, self._keys, self._history
+        if notification.dedupe_key is None:
+            dedupe, dedupe_ttl = f"retry:{secrets.token_hex(8)}", RETRY_WINDOW
+        else:
+            dedupe, dedupe_ttl = notification.dedupe_key, history.dedupe_ttl
         body = event_body(
             notification.event,
             notification.data,
@@ -180,13 +216,18 @@ class Publisher:
         )
         args: list[str | bytes | int] = [
             keys.channel(user),
-            new_epoch(),
+            incarnation.new_epoch(),
             body,
-            self._history.size,
-            self._history.ttl,
-            self._history.dedupe_ttl,
+            history.size,
+            history.ttl,
+            history.position_ttl,
+            dedupe_ttl,
+            durable,
         ]
-        return script_keys, args
+        source = notification.source
+        if source is not None:
+            args += [f"{source.topic}/{source.partition}", source.offset, source.timestamp_ms]
+        return [keys.meta(user), keys.history(user), keys.dedupe(user, dedupe)], args
 
 
 def parse_result(raw: Sequence[Any]) -> Published:
@@ -198,8 +239,3 @@ def parse_result(raw: Sequence[Any]) -> Published:
 
 def _outcome(reply: Any) -> Published | Exception:
     return reply if isinstance(reply, Exception) else parse_result(reply)
-
-
-def new_epoch() -> str:
-    """A fresh history incarnation name; only used when the student has none yet."""
-    return secrets.token_hex(4)

@@ -8,7 +8,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -19,16 +19,30 @@ from gateway.app import Gateway, create_app
 from gateway.auth import mint
 from gateway.server import uvicorn_config
 from notify import config, embedded
+from notify.incarnation import Durability
+from notify.keys import Keys
+from notify.publish import Publisher
+from notify.redis_client import Client
 
 JWT_SECRET = "test-secret-" + "x" * 32
+# An operator's key, and a backend publisher's.
 API_KEY = "test-api-key-0123456789"
+PUBLISHER_KEY = "test-publisher-key-0123456789"
+# The names of a deployment with the default namespace (database 0).
+KEYS = Keys()
+
+
+def publisher(redis: Client, size: int = 100, keys: Keys = KEYS) -> Publisher:
+    """The publish contract as the services build it, keeping ``size`` events per student."""
+    history = replace(config.load_history({}), size=size)
+    return Publisher(redis, keys, history, Durability(redis))
 
 
 def settings_env(redis_url: str, **extra: str) -> dict[str, str]:
     return {
         "REDIS_URL": redis_url,
         "NOTIFY_JWT_SECRET": JWT_SECRET,
-        "NOTIFY_API_KEYS": f"tests={API_KEY}",
+        "NOTIFY_API_KEYS": f"tests:operator={API_KEY},backend={PUBLISHER_KEY}",
         "NOTIFY_HOST": "127.0.0.1",
         **extra,
     }
@@ -130,6 +144,78 @@ def domain_event(event_type: str, event_id: str | None = None, **data: Any) -> d
         "occurredAt": "2026-11-21T10:00:00+00:00",
         "data": data,
     }
+
+
+class TcpProxy:
+    """A loopback TCP proxy the test controls: a server "down" without losing its data.
+
+    ``upstream`` may be changed at any time (a failover behind a load balancer): new
+    connections go to the new one. ``drop_reply_to``: the next connection that sends data
+    containing these bytes is dropped as soon as the server answers, the answer unsent (a
+    reply lost with its connection after the command ran).
+    """
+
+    def __init__(self, port: int, upstream: int) -> None:
+        self.port, self.upstream = port, upstream
+        self.drop_reply_to: bytes | None = None
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._accept, "127.0.0.1", self.port, reuse_address=True
+        )
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        except OSError:
+            writer.close()
+            return
+        doomed = asyncio.Event()
+        for pipe in (
+            self._pipe(reader, up_writer, watch=doomed),
+            self._pipe(up_reader, writer, unless=doomed, partner=up_writer),
+        ):
+            task = asyncio.create_task(pipe)
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    async def _pipe(
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        watch: asyncio.Event | None = None,
+        unless: asyncio.Event | None = None,
+        partner: asyncio.StreamWriter | None = None,
+    ) -> None:
+        try:
+            while data := await src.read(65536):
+                if watch is not None and self.drop_reply_to and self.drop_reply_to in data:
+                    self.drop_reply_to = None
+                    watch.set()
+                if unless is not None and unless.is_set():
+                    assert partner is not None
+                    partner.close()
+                    break
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            dst.close()
+
+    async def cut(self) -> None:
+        """Refuse new connections and break every open one."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for task in list(self._pipes):
+            task.cancel()
+
+    async def restore(self) -> None:
+        await self.start()
 
 
 def wait_ready(url: str, within: float = 20) -> None:

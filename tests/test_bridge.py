@@ -14,15 +14,18 @@ from redis.asyncio import Redis
 
 from bridge import rules
 from bridge.consumer import Bridge
-from notify import config, embedded, keys
+from notify import config, embedded
+from notify.publish import Notification, Source
 
 from .support import (
+    KEYS,
     GatewayServer,
     domain_event,
     events,
     nothing_arrives,
     open_client,
     produce,
+    publisher,
     unique,
 )
 
@@ -230,7 +233,7 @@ async def test_events_redis_rejects_or_json_cannot_encode_are_dead_lettered(
 ) -> None:
     """Errors tied to one event set it aside; the partition does not stall behind it."""
     broken = student + "-broken"
-    await redis.set(keys.meta(broken), "not a hash")  # WRONGTYPE for the publish script
+    await redis.set(KEYS.meta(broken), "not a hash")  # WRONGTYPE for the publish script
     # orjson reads this depth (a copied field) but cannot write it back.
     deep = b'{"eventId":"%s","eventType":"SESSIONS_GENERATED","data":{"studentId":"%s",' % (
         unique("evt").encode(),
@@ -254,3 +257,101 @@ async def test_events_redis_rejects_or_json_cannot_encode_are_dead_lettered(
     reasons = sorted(dict(m.headers)["notify-dlq-reason"].decode() for m in letters)
     assert reasons[0].startswith("data cannot be encoded as JSON")
     assert reasons[1].startswith("redis rejected the event's work: WRONGTYPE")
+
+
+async def test_a_replay_after_the_dedupe_window_notifies_nothing(
+    gateway: GatewayServer, redis: Redis, redis_url: str, kafka_bootstrap: str, student: str
+) -> None:
+    """Review item 8: a new consumer group (or an offset reset, or expired group offsets)
+    replays what the topic retains, up to 7 days by default; dedupe keys live 24 h."""
+    ws, _ = await open_client(gateway.ws_url(student))
+    sent = [domain_event("SESSIONS_GENERATED", studentId=student, sessionCount=n) for n in range(3)]
+    async with run_bridge(redis_url, kafka_bootstrap) as first:
+        await produce(kafka_bootstrap, first.topic, [*sent], key=student)
+        assert len(await events(ws, 3, timeout=30)) == 3
+    # Days later: the dedupe keys have expired.
+    async for key in redis.scan_iter(match=KEYS.dedupe(student, "*")):
+        await redis.delete(key)
+    async with run_bridge(redis_url, kafka_bootstrap, topic=first.topic, create=False) as replay:
+        later = domain_event("SESSIONS_GENERATED", studentId=student, sessionCount=3)
+        await produce(kafka_bootstrap, first.topic, [later], key=student)
+        [frame] = await events(ws, 1, timeout=30)
+        assert frame["data"] == {"sessionCount": 3}
+        await nothing_arrives(ws, within=1.0)
+        assert replay.bridge.metrics.deduplicated._value.get() == 3
+
+
+async def test_kafka_positions_tell_a_replay_from_a_recreated_topic(
+    redis: Redis, student: str
+) -> None:
+    """A replayed offset is a duplicate; a recreated topic's offsets start again, with
+    newer timestamps, and are not."""
+    pub = publisher(redis)
+
+    async def publish(offset: int, timestamp: int) -> bool:
+        source = Source("t", 0, offset, timestamp)
+        return (await pub.publish(Notification(student, "E", source=source))).duplicate
+
+    assert not await publish(10, 1_000)
+    assert not await publish(11, 1_010)
+    assert await publish(10, 1_000)  # a replay
+    assert await publish(11, 1_010)
+    assert not await publish(0, 5_000)  # the topic was deleted and created again
+    assert await publish(0, 5_000)
+    assert not await publish(1, 5_001)
+
+
+async def test_a_dead_letter_too_large_for_kafka_is_set_aside_truncated(
+    gateway: GatewayServer, redis_url: str, kafka_bootstrap: str, student: str
+) -> None:
+    """Review item 9: the dead letter (value plus headers) went over the producer's 1 MiB
+    limit, the send was retried forever and every partition stayed paused."""
+    from aiokafka import AIOKafkaProducer
+
+    ws, _ = await open_client(gateway.ws_url(student))
+    huge = b"x" * (1024 * 1024 - 150)  # under 1 MiB, but not with the dead-letter headers
+    async with run_bridge(redis_url, kafka_bootstrap) as bridge:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, max_request_size=2 << 20)
+        await producer.start()
+        try:
+            await producer.send_and_wait(bridge.topic, huge, key=student.encode(), partition=0)
+            good = domain_event("SESSIONS_GENERATED", studentId=student, sessionCount=1)
+            await producer.send_and_wait(bridge.topic, orjson.dumps(good), partition=0)
+        finally:
+            await producer.stop()
+        [frame] = await events(ws, 1, timeout=30)
+        [letter] = await read_topic(kafka_bootstrap, bridge.dlq, 1)
+        assert bridge.bridge.metrics.dead_letters_truncated._value.get() == 1
+    assert frame["data"] == {"sessionCount": 1}
+    headers = dict(letter.headers)
+    assert headers["notify-dlq-truncated"] == str(len(huge)).encode()
+    assert headers["notify-dlq-reason"].startswith(b"value is not JSON")
+    assert headers["notify-dlq-offset"] == b"0"
+    assert letter.value == huge[:16_384]
+
+
+async def test_an_event_redis_keeps_rejecting_is_set_aside_after_three_attempts(
+    gateway: GatewayServer, redis: Redis, redis_url: str, kafka_bootstrap: str, student: str
+) -> None:
+    """Review item 9: any per-event Redis error but WRONGTYPE was retried forever."""
+    tampered = student + "-tampered"
+    await publisher(redis).publish(Notification(tampered, "E"))
+    # An entry far ahead of the sequence: every XADD of this student now fails.
+    await redis.xadd(KEYS.history(tampered), {"f": "x"}, id="0-999999")
+    ws, _ = await open_client(gateway.ws_url(student))
+    async with run_bridge(redis_url, kafka_bootstrap) as bridge:
+        await produce(
+            kafka_bootstrap,
+            bridge.topic,
+            [
+                domain_event("SESSIONS_GENERATED", studentId=tampered, sessionCount=1),
+                domain_event("SESSIONS_GENERATED", studentId=student, sessionCount=2),
+            ],
+            key=student,
+        )
+        [frame] = await events(ws, 1, timeout=30)
+        [letter] = await read_topic(kafka_bootstrap, bridge.dlq, 1)
+    assert frame["data"] == {"sessionCount": 2}
+    reason = dict(letter.headers)["notify-dlq-reason"].decode()
+    assert reason.startswith("redis rejected the event's work:")
+    assert "equal or smaller" in reason

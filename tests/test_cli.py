@@ -60,11 +60,11 @@ def test_bad_rules_file_stops_the_bridge(tmp_path: object) -> None:
     assert result.stderr.startswith("notify: error: /nonexistent/rules.toml:")
 
 
-def test_token_command_mints_a_verifiable_token() -> None:
+async def test_token_command_mints_a_verifiable_token() -> None:
     secret = "z" * 32
     result = notify("token", "student-42", "--ttl", "120", NOTIFY_JWT_SECRET=secret)
     assert result.returncode == 0, result.stderr
-    claims = TokenVerifier(config.load_jwt({"NOTIFY_JWT_SECRET": secret})).verify(
+    claims = await TokenVerifier(config.load_jwt({"NOTIFY_JWT_SECRET": secret})).verify(
         result.stdout.strip()
     )
     assert claims.user_id == "student-42"

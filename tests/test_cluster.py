@@ -21,14 +21,15 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from notify import embedded, keys, processes, redis_client
-from notify.config import load_history
-from notify.publish import Notification, Publisher
+from notify import embedded, processes, redis_client
+from notify.publish import Notification
 
 from .support import (
     API_KEY,
+    KEYS,
     GatewayServer,
     domain_event,
+    publisher,
     recv_json,
     settings_env,
     start_gateway,
@@ -47,25 +48,27 @@ class Device:
     without one), and ``None`` where a resync frame arrived.
     """
 
-    def __init__(self, url: Callable[[str], str], student: str) -> None:
+    def __init__(self, url: Callable[[str | None], str], student: str) -> None:
         self.student = student
         self._url = url
         self.log: list[int | None] = []
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        position = "0"
+        position: str | None = None
         while True:
             with contextlib.suppress(OSError, ConnectionClosed, InvalidStatus, TimeoutError):
                 async with connect(self._url(position), open_timeout=5) as ws:
                     while True:
                         frame = await recv_json(ws, timeout=3600)
-                        if frame["type"] == "event":
+                        if frame["type"] == "welcome" and position is None:
+                            position = frame["last_id"]
+                        elif frame["type"] == "event":
                             self.log.append(frame["data"].get("sessionCount", -1))
                             position = frame["id"]
                         elif frame["type"] == "resync":
                             self.log.append(None)
-                            position = frame["last_id"] or "0"
+                            position = frame["last_id"]
             await asyncio.sleep(0.1)
 
     @property
@@ -98,7 +101,7 @@ def stop_all(devices: list[Device]) -> None:
         device.task.cancel()
 
 
-def ws_url(gateway: GatewayServer, student: str) -> Callable[[str], str]:
+def ws_url(gateway: GatewayServer, student: str) -> Callable[[str | None], str]:
     return lambda since: gateway.ws_url(student, since=since)
 
 
@@ -112,7 +115,7 @@ async def wait_for(condition: Callable[[], bool], within: float, what: str) -> N
 
 def shard_of(student: str, cluster: embedded.Cluster) -> int:
     """Which master serves the student: ``start_redis_cluster`` splits the slots evenly."""
-    slot = key_slot(keys.channel(student).encode())
+    slot = key_slot(KEYS.channel(student).encode())
     return min(slot // (REDIS_CLUSTER_HASH_SLOTS // cluster.masters), cluster.masters - 1)
 
 
@@ -225,7 +228,7 @@ async def test_a_master_failover_leaves_no_client_silently_stale(
     cluster = failover_cluster
     students = spread(cluster, 30)
     redis = redis_client.client(cluster.address, cluster=True)
-    publisher = Publisher(redis, load_history({}))
+    pub = publisher(redis)
     sent: dict[str, int] = dict.fromkeys(students, 0)
     devices: list[Device] = []
 
@@ -235,7 +238,7 @@ async def test_a_master_failover_leaves_no_client_silently_stale(
         notification = Notification(student, "E", {"sessionCount": n}, dedupe_key=f"{student}-{n}")
         while True:
             try:
-                await publisher.publish(notification)
+                await pub.publish(notification)
                 break
             except redis_client.UNAVAILABLE:
                 await asyncio.sleep(0.1)
@@ -287,7 +290,7 @@ async def test_concurrent_publishes_through_a_failover_fail_only_as_unavailable(
     other tasks are using at that moment, so this needs many publishes in flight."""
     cluster = failover_cluster
     redis = redis_client.client(cluster.address, cluster=True)
-    publisher = Publisher(redis, load_history({}))
+    pub = publisher(redis)
     unexpected: list[BaseException] = []
     published = 0
     running = True
@@ -298,7 +301,7 @@ async def test_concurrent_publishes_through_a_failover_fail_only_as_unavailable(
         while running:
             notification = Notification(student, "E", {"n": n}, dedupe_key=str(n))
             try:
-                await publisher.publish(notification)
+                await pub.publish(notification)
             except redis_client.UNAVAILABLE:
                 await asyncio.sleep(0.05)
                 continue
@@ -349,12 +352,12 @@ async def test_a_slot_migration_moves_the_subscription_and_loses_nothing(
     cluster = failover_cluster
     moving, staying = spread(cluster, 3)[0], spread(cluster, 3)[1]
     redis = redis_client.client(cluster.address, cluster=True)
-    publisher = Publisher(redis, load_history({}))
+    pub = publisher(redis)
     devices: list[Device] = []
 
     async def publish(student: str, numbers: range) -> None:
         for n in numbers:
-            await publisher.publish(Notification(student, "E", {"sessionCount": n}))
+            await pub.publish(Notification(student, "E", {"sessionCount": n}))
 
     try:
         async with start_gateway(cluster.address, **CLUSTER) as gateway:
@@ -364,7 +367,7 @@ async def test_a_slot_migration_moves_the_subscription_and_loses_nothing(
             await publish(staying, range(10))
             await wait_for(lambda: all(len(d.log) == 10 for d in devices), 20, "delivered")
             source = shard_of(moving, cluster)
-            slot = key_slot(keys.channel(moving).encode())
+            slot = key_slot(KEYS.channel(moving).encode())
             await asyncio.to_thread(migrate_slot, cluster, slot, source, (source + 1) % 3)
             # The old node unsubscribed the channel; the gateway finds its new home. The
             # history moved with the slot, but under a node with another replication id,
@@ -443,7 +446,7 @@ async def test_a_gateway_started_before_its_cluster_waits_for_it_then_delivers()
             assert (await recv_json(ws))["type"] == "welcome"
             redis = redis_client.client(address, cluster=True)
             try:
-                await Publisher(redis, load_history({})).publish(Notification(student, "E"))
+                await publisher(redis).publish(Notification(student, "E"))
             finally:
                 await redis.aclose()
             assert (await recv_json(ws))["event"] == "E"

@@ -39,6 +39,7 @@ def test_redis_cluster_switch() -> None:
         ({"NOTIFY_JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----"}, "NOTIFY_JWT_SECRET"),
         ({"NOTIFY_API_KEYS": "nokey"}, "NOTIFY_API_KEYS"),
         ({"NOTIFY_API_KEYS": "a=0123456789abcdef,a=0123456789abcdeg"}, "NOTIFY_API_KEYS"),
+        ({"NOTIFY_API_KEYS": "a:admin=0123456789abcdef"}, "NOTIFY_API_KEYS"),
         ({"NOTIFY_HISTORY_SIZE": "0"}, "NOTIFY_HISTORY_SIZE"),
     ],
 )
@@ -68,9 +69,15 @@ def test_public_key_selects_its_algorithm() -> None:
 
 def test_api_keys_parse() -> None:
     settings = config.load_gateway(
-        {**BASE, "NOTIFY_API_KEYS": "backend=0123456789abcdef, ops=fedcba9876543210"}
+        {
+            **BASE,
+            "NOTIFY_API_KEYS": "backend=0123456789abcdef, ops:operator=fedcba9876543210",
+        }
     )
-    assert settings.api_keys == {"backend": "0123456789abcdef", "ops": "fedcba9876543210"}
+    assert settings.api_keys == {
+        "backend": config.ApiKey("0123456789abcdef", config.Role.PUBLISHER),
+        "ops": config.ApiKey("fedcba9876543210", config.Role.OPERATOR),
+    }
 
 
 def test_kafka_settings() -> None:

@@ -19,26 +19,23 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from notify import embedded, keys, processes, redis_client
-from notify.config import HistorySettings, load_history
+from notify import embedded, processes, redis_client
+from notify.config import load_history
 from notify.publish import Notification, Publisher
-from notify.redis_client import Client
 
 from .support import (
     API_KEY,
+    KEYS,
     GatewayServer,
     events,
     nothing_arrives,
     open_client,
+    publisher,
     recv_json,
     settings_env,
     start_gateway,
     token,
 )
-
-
-def publisher(redis: Client, size: int = 100) -> Publisher:
-    return Publisher(redis, HistorySettings(size=size, ttl=86_400, dedupe_ttl=86_400))
 
 
 async def publish_numbered(pub: Publisher, user: str, numbers: range, **data: Any) -> list[str]:
@@ -129,8 +126,8 @@ async def test_expired_history_means_resync(
 ) -> None:
     [old] = (await publish_numbered(publisher(redis), student, range(3)))[-1:]
     # What NOTIFY_HISTORY_TTL does after a day of silence, without waiting a day.
-    await redis.pexpire(keys.meta(student), 1)
-    await redis.pexpire(keys.history(student), 1)
+    await redis.pexpire(KEYS.meta(student), 1)
+    await redis.pexpire(KEYS.history(student), 1)
     await asyncio.sleep(0.05)
     ws, welcome = await open_client(gateway.ws_url(student, since=old))
     assert welcome["recovered"] is False
@@ -190,7 +187,7 @@ async def test_a_history_from_another_node_reaches_connected_clients_as_a_resync
     ws, _ = await open_client(gateway.ws_url(student))
     old = await publish_numbered(pub, student, range(3))
     assert numbers(await events(ws, 3)) == [0, 1, 2]
-    await redis.hset(keys.meta(student), "replid", "0" * 40)  # written on another node
+    await redis.hset(KEYS.meta(student), "replid", "0" * 40)  # written on another node
     # A client resuming now is told at once, before any new event.
     other, welcome = await open_client(gateway.ws_url(student, since=old[-1]))
     assert welcome["recovered"] is False
@@ -302,13 +299,21 @@ async def test_slow_client_is_closed_and_resumes_without_delaying_a_fast_one(
         received = numbers(got)
         assert received == list(range(len(received)))
         assert len(received) < total
-        # Resuming from what it processed brings exactly the rest.
-        ws, welcome = await open_client(gateway.ws_url(student, since=got[-1]["id"]))
+        # The rest, ~17 MB, cannot fit into this gateway's 64 KiB queue: a replay would
+        # close the client again, so it is told to reload its stores instead.
+        since = got[-1]["id"]
+        ws, welcome = await open_client(gateway.ws_url(student, since=since))
+        assert welcome["recovered"] is False
+        assert (await recv_json(ws))["reason"] == "too far behind"
+        for client in (ws, fast):
+            await client.close()
+    # Where the queue can hold it, resuming from what it processed brings exactly the rest.
+    async with start_gateway(redis_url, NOTIFY_SEND_QUEUE_BYTES=str(64 << 20)) as roomy:
+        ws, welcome = await open_client(roomy.ws_url(student, since=since))
         assert welcome["recovered"] is True
         rest = numbers(await events(ws, total - len(received), timeout=30))
         assert received + rest == list(range(total))
-        for client in (ws, fast):
-            await client.close()
+        await ws.close()
 
 
 async def read_until_closed(ws: ClientConnection) -> tuple[list[dict[str, Any]], int | None]:
@@ -457,7 +462,7 @@ async def test_a_cancelled_subscribe_does_not_strand_later_ones(
     gateway: GatewayServer, redis: Redis
 ) -> None:
     reader = gateway.gateway.reader
-    channel = keys.channel("stranded")
+    channel = KEYS.channel("stranded")
     for _ in range(5):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(reader.subscribe(channel), 0.0001)
@@ -467,16 +472,54 @@ async def test_a_cancelled_subscribe_does_not_strand_later_ones(
     reader.unsubscribe(channel)
 
 
-async def test_since_0_resumes_a_client_that_had_seen_nothing(
+async def test_a_client_that_has_seen_nothing_resumes_every_event_published_meanwhile(
     gateway: GatewayServer, redis: Redis, student: str
 ) -> None:
     ws, welcome = await open_client(gateway.ws_url(student))
-    assert welcome["last_id"] is None
+    empty = welcome["last_id"]
+    assert empty.endswith("-0")  # before the first event of the student's history
     await ws.close()
     await publish_numbered(publisher(redis), student, range(3))
-    ws, welcome = await open_client(gateway.ws_url(student, since="0"))
+    ws, welcome = await open_client(gateway.ws_url(student, since=empty))
     assert welcome["recovered"] is True
     assert numbers(await events(ws, 3)) == [0, 1, 2]
+    await ws.close()
+
+
+async def test_an_incarnation_lost_before_its_first_event_reached_the_client_resyncs(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    """Review item 1. The position a client stores for an empty history names which
+    history was empty: if that history is lost, with events the client never saw, the
+    resume must say so, however many events the new one has."""
+    ws, welcome = await open_client(gateway.ws_url(student))
+    empty = welcome["last_id"]
+    await ws.close()
+    pub = publisher(redis)
+    await publish_numbered(pub, student, range(3))  # never seen by the client
+    # Expiry, FLUSHALL, a restart without persistence, an unreplicated failover.
+    await redis.delete(KEYS.meta(student), KEYS.history(student))
+    [new] = await publish_numbered(pub, student, range(3, 4))
+    ws, welcome = await open_client(gateway.ws_url(student, since=empty))
+    assert welcome["recovered"] is False
+    resync = await recv_json(ws)
+    assert resync == {"type": "resync", "reason": "history epoch changed", "last_id": new}
+    # Stored, that position resumes without another resync.
+    await ws.close()
+    ws, welcome = await open_client(gateway.ws_url(student, since=new))
+    assert welcome["recovered"] is True
+    await nothing_arrives(ws)
+    await ws.close()
+
+
+async def test_a_position_without_an_epoch_resyncs(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    """``0``, which clients used to store for an empty history: it cannot say which."""
+    [last] = await publish_numbered(publisher(redis), student, range(1))
+    ws, welcome = await open_client(gateway.ws_url(student, since="0"))
+    assert welcome["recovered"] is False
+    assert await recv_json(ws) == {"type": "resync", "reason": "malformed id", "last_id": last}
     await ws.close()
 
 

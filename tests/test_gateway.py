@@ -10,15 +10,17 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from notify.config import load_history
-from notify.publish import Notification, Publisher
-from notify.redis_client import Client
+from notify.publish import Notification
 
-from .support import GatewayServer, events, nothing_arrives, open_client, recv_json, token
-
-
-def publisher(redis: Client) -> Publisher:
-    return Publisher(redis, load_history({}))
+from .support import (
+    GatewayServer,
+    events,
+    nothing_arrives,
+    open_client,
+    publisher,
+    recv_json,
+    token,
+)
 
 
 async def test_event_reaches_every_device_of_the_student_and_no_one_else(
@@ -27,7 +29,14 @@ async def test_event_reaches_every_device_of_the_student_and_no_one_else(
     phone, welcome = await open_client(gateway.ws_url(student))
     tablet, _ = await open_client(gateway.ws_url(student))
     other, _ = await open_client(gateway.ws_url(student + "-other"))
-    assert welcome == {"type": "welcome", "user": student, "last_id": None, "recovered": False}
+    # A student without events has a position too: before the first event of its history.
+    assert welcome == {
+        "type": "welcome",
+        "user": student,
+        "last_id": welcome["last_id"],
+        "recovered": False,
+    }
+    assert welcome["last_id"].endswith("-0")
 
     published = await publisher(redis).publish(
         Notification(student, "COURSE_PURCHASED", {"courseId": "c1"}, ("home", "learning"))
@@ -152,6 +161,14 @@ async def test_tokens_never_reach_the_logs(
     with pytest.raises(InvalidStatus):
         await connect(gateway.ws_url() + f"?token={secret}x")
     ws = await connect(gateway.ws_url(), additional_headers={"Authorization": f"Bearer {secret}"})
+    await recv_json(ws)
+    await ws.close()
+    # Other spellings the gateway accepts (review item 10): a percent-encoded parameter
+    # name, and the scheme in capitals (websockets logs request headers at DEBUG).
+    ws = await connect(gateway.ws_url() + f"?%74oken={secret}")
+    await recv_json(ws)
+    await ws.close()
+    ws = await connect(gateway.ws_url(), additional_headers={"Authorization": f"BEARER {secret}"})
     await recv_json(ws)
     await ws.close()
     await asyncio.sleep(0.1)

@@ -15,10 +15,16 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from notify import embedded, processes, redis_client
-from notify.config import load_history
-from notify.publish import Notification, Publisher
+from notify.publish import Notification
 
-from .support import recv_json, settings_env, token, unique, wait_ready
+from .support import (
+    publisher,
+    recv_json,
+    settings_env,
+    token,
+    unique,
+    wait_ready,
+)
 
 
 class Student:
@@ -32,14 +38,18 @@ class Student:
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        position = "0"
+        position: str | None = None
         while True:
-            url = f"ws://127.0.0.1:{self._port}/ws?token={token(self.user)}&since={position}"
+            url = f"ws://127.0.0.1:{self._port}/ws?token={token(self.user)}"
+            if position is not None:
+                url += f"&since={position}"
             with contextlib.suppress(OSError, ConnectionClosed, InvalidStatus, TimeoutError):
                 async with connect(url, open_timeout=5) as ws:
                     while True:
                         frame = await recv_json(ws, timeout=3600)
-                        if frame["type"] == "event":
+                        if frame["type"] == "welcome" and position is None:
+                            position = frame["last_id"]
+                        elif frame["type"] == "event":
                             self.ids.append(frame["id"])
                             position = frame["id"]
             self.reconnects += 1
@@ -88,7 +98,7 @@ async def test_two_processes_share_the_port_and_a_killed_one_loses_nothing(
     # Heartbeat keys of earlier tests' processes may still be there on the shared cluster.
     before = await heartbeats()
     supervisor = processes.spawn(command, env, quiet=True)
-    publisher = Publisher(redis, load_history({}))
+    pub = publisher(redis)
     students: list[Student] = []
     try:
         await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}")
@@ -117,7 +127,7 @@ async def test_two_processes_share_the_port_and_a_killed_one_loses_nothing(
         async def publish(count: int) -> None:
             for student in students:
                 for _ in range(count):
-                    await publisher.publish(Notification(student.user, "E"))
+                    await pub.publish(Notification(student.user, "E"))
 
         await publish(3)
         await wait_for(lambda: all(len(s.ids) == 3 for s in students))

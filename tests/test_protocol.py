@@ -16,8 +16,8 @@ def test_event_ids_round_trip() -> None:
 @pytest.mark.parametrize(
     ("last", "event", "order"),
     [
-        (None, EventId("e", 1), protocol.IN_ORDER),  # a history's first event
-        (None, EventId("e", 2), protocol.GAP),
+        (EventId("e", 0), EventId("e", 1), protocol.IN_ORDER),  # a history's first event
+        (EventId("e", 0), EventId("e", 2), protocol.GAP),
         (EventId("e", 42), EventId("e", 43), protocol.IN_ORDER),
         (EventId("e", 42), EventId("e", 42), protocol.DUPLICATE),
         (EventId("e", 42), EventId("e", 7), protocol.DUPLICATE),
@@ -27,11 +27,11 @@ def test_event_ids_round_trip() -> None:
         (EventId("e", 42), EventId("f", 43), protocol.GAP),
     ],
 )
-def test_the_ordering_rule(last: EventId | None, event: EventId, order: protocol.Order) -> None:
+def test_the_ordering_rule(last: EventId, event: EventId, order: protocol.Order) -> None:
     assert protocol.classify(last, event) is order
 
 
-@pytest.mark.parametrize("raw", ["", "42", "e-0", "e-01", "E-1", "e--1", "e-1-2", "e-1x"])
+@pytest.mark.parametrize("raw", ["", "0", "42", "e-00", "e-01", "E-1", "e--1", "e-1-2", "e-1x"])
 def test_malformed_event_ids(raw: str) -> None:
     assert protocol.parse_event_id(raw) is None
 
@@ -68,4 +68,11 @@ def test_redaction() -> None:
     assert redact('"WebSocket /ws?token=abc.def.ghi&since=x-1"') == (
         '"WebSocket /ws?token=[redacted]&since=x-1"'
     )
-    assert redact("Authorization: Bearer abc.def") == "Authorization: Bearer [redacted]"
+    assert redact("Authorization: Bearer abc.def") == "Authorization: [redacted]"
+    # Redacted as the gateway parses them, not by spelling (review item 10).
+    assert redact("GET /ws?%74oken=abc.def&since=x-1 HTTP/1.1") == (
+        "GET /ws?token=[redacted]&since=x-1 HTTP/1.1"
+    )
+    assert redact("< authorization: BEARER abc.def") == "< authorization: [redacted]"
+    assert redact("scheme bEaReR abc.def") == "scheme bEaReR [redacted]"
+    assert redact("GET /api/history/s1?limit=5") == "GET /api/history/s1?limit=5"

@@ -43,7 +43,8 @@ def test_purchase_created_becomes_course_purchased() -> None:
     assert notification.event == "COURSE_PURCHASED"
     assert notification.data == {"purchaseId": "p1", "courseId": "c1", "purchaseTier": 30}
     assert notification.invalidate == ("home", "learning")
-    assert notification.dedupe_key == "ev:evt-1"
+    # The type too: an id reused by another kind of event is not a duplicate.
+    assert notification.dedupe_key == "ev:PURCHASE_CREATED:evt-1"
 
 
 def test_missing_recipient_is_an_envelope_error() -> None:

@@ -71,19 +71,19 @@ class Sink:
 class History:
     """Answers each read with the next prepared replay; a read waits while ``gate`` is clear."""
 
-    def __init__(self, head: str | None = None, *replays: Replay) -> None:
-        self.head = None if head is None else ev(head)
+    def __init__(self, head: str, *replays: Replay) -> None:
+        self.head = ev(head)
         self.replays = list(replays)
-        self.asked: list[EventId | None] = []
+        # Positions read after (the current position's reads are not recorded).
+        self.asked: list[EventId] = []
         self.gate = asyncio.Event()
         self.gate.set()
         self.fail: Exception | None = None
 
-    async def current(self, user: str) -> EventId | None:
-        await self.gate.wait()
-        return self.head
-
     async def after(self, user: str, position: EventId | None) -> Replay:
+        if position is None:
+            await self.gate.wait()
+            return Replay([], self.head)
         self.asked.append(position)
         await self.gate.wait()
         if self.fail is not None:
@@ -93,8 +93,7 @@ class History:
 
 def replay(*ids: str, last: str | None = None, resync: str | None = None) -> Replay:
     frames = [(ev(i), body(i)) for i in ids]
-    end = last or (ids[-1] if ids else None)
-    return Replay(frames, None if end is None else ev(end), resync)
+    return Replay(frames, ev(last or ids[-1]), resync)
 
 
 def session(history: History, sink: Sink | None = None, budget: int = 1 << 20) -> Session:
@@ -140,10 +139,10 @@ async def test_a_gap_is_filled_from_history_before_anything_newer() -> None:
 
 async def test_frames_that_arrive_while_starting_are_held_then_judged() -> None:
     sink = Sink()
-    history = History(None, replay("e-1", "e-2"))
+    history = History("e-0", replay("e-1", "e-2"))
     s = session(history, sink)
     history.gate.clear()
-    starting = asyncio.create_task(s.start("0"))
+    starting = asyncio.create_task(s.start("e-0"))
     await settled()
     assert s.phase is STARTING
     live(s, "e-2")  # also in the history read: the seam's duplicate
@@ -155,10 +154,10 @@ async def test_frames_that_arrive_while_starting_are_held_then_judged() -> None:
 
 async def test_a_first_event_is_in_order_for_a_client_that_has_seen_nothing() -> None:
     sink = Sink()
-    s = session(History(None), sink)
+    s = session(History("e-0"), sink)
     await s.start(None)
     live(s, "e-1")
-    assert sink.frames() == [("welcome", None, False), "e-1"]
+    assert sink.frames() == [("welcome", "e-0", False), "e-1"]
 
 
 async def test_a_new_epoch_live_is_a_gap_the_history_answers_with_resync() -> None:
@@ -274,7 +273,7 @@ async def test_a_gap_among_released_frames_keeps_the_rest_in_order() -> None:
 )
 async def test_resume(since: str, result: Replay, frames: list[Any]) -> None:
     sink = Sink()
-    history = History(None, result)
+    history = History("e-0", result)
     s = session(history, sink)
     await s.start(since)
     assert history.asked == [ev(since)]
@@ -286,6 +285,24 @@ async def test_a_malformed_position_resyncs_from_the_head() -> None:
     s = session(History("e-9"), sink)
     await s.start("garbage")
     assert sink.frames() == [("welcome", "e-9", False), ("resync", "e-9")]
+
+
+async def test_a_position_without_an_epoch_resyncs_from_the_head() -> None:
+    """``0``, which older clients stored for an empty history: which history was empty?"""
+    sink = Sink()
+    s = session(History("e-9"), sink)
+    await s.start("0")
+    assert sink.frames() == [("welcome", "e-9", False), ("resync", "e-9")]
+
+
+async def test_a_replay_larger_than_the_send_budget_is_a_resync() -> None:
+    sink = Sink()
+    history = History("e-0", replay("e-1", "e-2", "e-3"))
+    s = session(history, sink, budget=len(body("e-1")) * 2)
+    await s.start("e-0")
+    assert sink.frames() == [("welcome", "e-3", False), ("resync", "e-3")]
+    live(s, "e-4")
+    assert sink.frames()[-1] == "e-4"
 
 
 async def test_a_client_that_cannot_keep_up_is_closed_4008() -> None:

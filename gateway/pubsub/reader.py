@@ -30,6 +30,7 @@ from redis.asyncio import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
+from notify.keys import Keys
 from notify.redis_client import Client
 
 from .listener import PubSubListener
@@ -46,8 +47,9 @@ SlotMap = list[tuple[int, int, Address]]
 class Reader:
     """Routes each channel to the shard that serves its slot, and follows the slot map."""
 
-    def __init__(self, redis: Client, redis_url: str, process_id: str) -> None:
+    def __init__(self, redis: Client, redis_url: str, keys: Keys, process_id: str) -> None:
         self._redis = redis
+        self._keys = keys
         self._options: dict[str, Any] = dict(parse_url(redis_url))
         self._process = process_id
         self._listener: PubSubListener | None = None
@@ -163,7 +165,7 @@ class Reader:
     def _probe_for(self, address: Address) -> str:
         """A probe channel of this process whose slot ``address`` serves."""
         tag = 0
-        while self._owner(channel := f"notify:probe:{self._process}:{{{tag}}}") != address:
+        while self._owner(channel := self._keys.probe(self._process, tag)) != address:
             tag += 1
         return channel
 

@@ -33,9 +33,6 @@ export const State = Object.freeze({
   STOPPED: "stopped",
 });
 
-// The id to resume from when the welcome said the history is empty: "replay everything
-// that gets published from now on", which live-only would not guarantee across a drop.
-const FROM_START = "0";
 // Our own close code for a connection we gave up on (pong overdue, handler failed).
 const CLIENT_GAVE_UP = 4000;
 // A token this close to its exp is replaced before connecting: the gateway would close
@@ -229,7 +226,7 @@ export class NotifyClient {
           break;
         case "resync":
           await this.#options.onResync(frame.reason);
-          await this.#storage.set(frame.last_id ?? FROM_START);
+          await this.#storage.set(frame.last_id);
           break;
         case "event":
           await this.#options.onEvent(frame.event, frame.data, frame.invalidate, frame);
@@ -250,8 +247,11 @@ export class NotifyClient {
 
   async #welcome(frame) {
     this.#welcomedAt = Date.now();
+    // A first connection starts from where the student's history is now. The position
+    // names the history's incarnation even before its first event ("<epoch>-0"), so a
+    // history lost while this client is away ends in a resync, never in a silent gap.
     if ((await this.#storage.get()) == null) {
-      await this.#storage.set(frame.last_id ?? FROM_START);
+      await this.#storage.set(frame.last_id);
     }
     this.#setState(State.CONNECTED, { user: frame.user, recovered: frame.recovered });
   }

@@ -32,13 +32,14 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from gateway.auth import mint
 from notify import config, embedded, processes
 
-from ..support import settings_env
+from ..support import TcpProxy, settings_env
 
 RULES = """
 [CHAOS_EVENT]
@@ -49,54 +50,6 @@ fields = ["n", "sentAt", "pad"]
 TOPIC = "chaos.events"
 # Soak runs: CHAOS_SCALE=10 streams ten times longer in every scenario.
 SCALE = float(os.environ.get("CHAOS_SCALE", "1"))
-
-
-class TcpProxy:
-    """A loopback TCP proxy the test can cut: Kafka "down" without losing its data."""
-
-    def __init__(self, port: int, upstream: int) -> None:
-        self.port, self._upstream = port, upstream
-        self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._accept, "127.0.0.1", self.port, reuse_address=True
-        )
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream)
-        except OSError:
-            writer.close()
-            return
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
-
-    @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            dst.close()
-
-    async def cut(self) -> None:
-        """Refuse new connections and break every open one."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for task in list(self._pipes):
-            task.cancel()
-
-    async def restore(self) -> None:
-        await self.start()
 
 
 @dataclass
@@ -110,6 +63,13 @@ class Stack:
     gateway_ports: list[int]
     gateways: list[subprocess.Popen[bytes] | None]
     bridge: subprocess.Popen[bytes] | None = None
+    # How Redis runs (its command-line options) and where it keeps its files.
+    redis_args: tuple[str, ...] = ()
+    redis_dir: str = ""
+    # With a replica: every process reaches Redis through this proxy, which a failover
+    # points at the replica.
+    replica: embedded.Server | None = None
+    redis_proxy: TcpProxy | None = None
 
     @property
     def urls(self) -> list[str]:
@@ -139,9 +99,24 @@ class Stack:
             self.bridge = None
 
     def restart_redis(self) -> None:
-        """Stop Redis and start an empty one on the same port (no persistence)."""
+        """Stop Redis cleanly and start it again on the same port and files: what it
+        persisted, if anything, is back."""
         self.redis.stop()
-        self.redis = embedded.start_redis(self.redis.port)
+        self.redis = embedded.start_redis(self.redis.port, self.redis_args, self.redis_dir)
+
+    async def fail_over(self, lag: float) -> None:
+        """Promote the replica, keep the primary taking writes for ``lag`` seconds (the
+        replica misses them, as asynchronous replication does), then move every client to
+        the replica and stop the primary."""
+        assert self.replica is not None
+        assert self.redis_proxy is not None
+        async with Redis(port=self.replica.port) as replica:
+            await replica.replicaof("NO", "ONE")
+        await asyncio.sleep(lag)
+        self.redis_proxy.upstream = self.replica.port
+        await self.redis_proxy.cut()
+        self.redis.stop()
+        await self.redis_proxy.restore()
 
     def stop(self) -> None:
         for process in [*self.gateways, self.bridge]:
@@ -150,11 +125,23 @@ class Stack:
         self.kafka.process.send_signal(signal.SIGCONT)
         self.kafka.stop()
         self.redis.stop()
+        if self.replica is not None:
+            self.replica.stop()
 
 
 @contextlib.asynccontextmanager
-async def stack() -> AsyncIterator[Stack]:
-    redis = embedded.start_redis()
+async def stack(redis_args: tuple[str, ...] = (), replica: bool = False) -> AsyncIterator[Stack]:
+    redis_dir = tempfile.mkdtemp()
+    redis = embedded.start_redis(args=redis_args, workdir=redis_dir)
+    redis_address, redis_proxy, replica_server = redis.address, None, None
+    if replica:
+        replica_server = embedded.start_redis(
+            args=(*redis_args, "--replicaof", "127.0.0.1", str(redis.port)),
+            workdir=tempfile.mkdtemp(),
+        )
+        redis_proxy = TcpProxy(embedded.free_port(), redis.port)
+        await redis_proxy.start()
+        redis_address = f"redis://127.0.0.1:{redis_proxy.port}/0"
     proxy_port = embedded.free_port()
     kafka = embedded.start_kafka(advertised_port=proxy_port)
     proxy = TcpProxy(proxy_port, kafka.port)
@@ -163,7 +150,7 @@ async def stack() -> AsyncIterator[Stack]:
     rules.write_text(RULES)
     env = {
         **os.environ,
-        **settings_env(redis.address),
+        **settings_env(redis_address),
         "KAFKA_BOOTSTRAP_SERVERS": kafka.address,
         "NOTIFY_KAFKA_TOPICS": TOPIC,
         "NOTIFY_KAFKA_GROUP": "chaos-bridge",
@@ -177,7 +164,18 @@ async def stack() -> AsyncIterator[Stack]:
     }
     await embedded.create_topics(kafka.address, [TOPIC, "notify.dlq"], partitions=3)
     ports = [embedded.free_port(), embedded.free_port()]
-    running = Stack(env, redis, kafka, proxy, ports, [None, None])
+    running = Stack(
+        env,
+        redis,
+        kafka,
+        proxy,
+        ports,
+        [None, None],
+        redis_args=redis_args,
+        redis_dir=redis_dir,
+        replica=replica_server,
+        redis_proxy=redis_proxy,
+    )
     try:
         running.start_gateway(0)
         running.start_gateway(1)
@@ -185,6 +183,8 @@ async def stack() -> AsyncIterator[Stack]:
         yield running
     finally:
         await proxy.cut()
+        if redis_proxy is not None:
+            await redis_proxy.cut()
         running.stop()
 
 
@@ -235,7 +235,7 @@ class Device:
             kind = frame["type"]
             if kind == "welcome":
                 if self.last_id is None:
-                    self.last_id = frame["last_id"] or "0"
+                    self.last_id = frame["last_id"]
                 self.connected.set()
             elif kind == "event":
                 self.items.append(("e", frame["data"]["n"]))
@@ -243,7 +243,7 @@ class Device:
                 self.last_id = frame["id"]
             elif kind == "resync":
                 self.items.append(("r", self.produced()))
-                self.last_id = frame["last_id"] or "0"
+                self.last_id = frame["last_id"]
 
 
 @dataclass

@@ -70,6 +70,42 @@ async def test_b_redis_restart(chaos: Stack) -> None:
     check("(b) Redis restart, history lost", figures, f"{figures.resync_frames} resync frames")
 
 
+AOF_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+async def test_h_clean_restart_of_an_aof_always_redis() -> None:
+    """Nothing was lost, so nothing may be said: 0 resyncs."""
+    async with stack(redis_args=AOF_ALWAYS) as running:
+        run = await running_run(running, students=50)
+        try:
+            await run.stream(3, rate=200)
+            running.restart_redis()
+            await run.stream(5, rate=200)
+            figures = await run.settle()
+        finally:
+            await run.close()
+    check("(h) clean restart, AOF always", figures, f"{figures.resync_frames} resync frames")
+    assert figures.resync_frames == 0
+
+
+async def test_i_failover_to_a_replica_that_missed_the_last_writes() -> None:
+    """The replica is promoted while the primary still takes writes for half a second:
+    those events reached devices and are gone. Every device is told, exactly once."""
+    async with stack(redis_args=AOF_ALWAYS, replica=True) as running:
+        run = await running_run(running, students=50)
+        try:
+            await run.stream(3, rate=200)
+            failover = asyncio.create_task(running.fail_over(lag=0.5))
+            await run.stream(5, rate=200)
+            await failover
+            figures = await run.settle()
+        finally:
+            await run.close()
+    resyncs = sorted({sum(kind == "r" for kind, _ in d.items) for d in run.devices})
+    check("(i) failover to a lagging replica", figures, f"resyncs per device: {resyncs}")
+    assert resyncs == [1]
+
+
 async def test_c_kill_9_of_one_of_two_gateways(chaos: Stack) -> None:
     run = await running_run(chaos, students=100)
     try:

@@ -22,12 +22,17 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from bridge import envelope, rules
 from gateway import schema
 from notify import embedded, processes, protocol
-from notify.config import load_history
-from notify.publish import Notification, Publisher
+from notify.publish import Notification
 
 from ..chaos.harness import Figures
 from ..chaos.report import record
-from ..support import API_KEY, JWT_SECRET, settings_env, wait_ready
+from ..support import (
+    API_KEY,
+    JWT_SECRET,
+    publisher,
+    settings_env,
+    wait_ready,
+)
 from . import fuzz
 
 FUZZ_EXAMPLES = 10_000
@@ -253,7 +258,7 @@ async def _interleave(url: str, redis_url: str, ops: list[tuple[str, int, int]])
     run = os.urandom(4).hex()
     students = [f"iso-{run}-{i}" for i in range(4)]
     redis = Redis.from_url(redis_url)
-    publisher = Publisher(redis, load_history({}))
+    pub = publisher(redis)
     sockets: dict[tuple[int, int], Any] = {}
     received: dict[tuple[int, int], list[dict[str, Any]]] = {}
     readers: list[asyncio.Task[None]] = []
@@ -278,7 +283,7 @@ async def _interleave(url: str, redis_url: str, ops: list[tuple[str, int, int]])
             elif op == "disconnect" and key in sockets:
                 await sockets.pop(key).close()
             elif op == "publish":
-                await publisher.publish(Notification(students[s], "ISO", {"for": students[s]}))
+                await pub.publish(Notification(students[s], "ISO", {"for": students[s]}))
         await asyncio.sleep(0.2)
     finally:
         for ws in sockets.values():
