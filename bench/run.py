@@ -23,6 +23,9 @@ this load client on core 1 (where the OS allows pinning), then runs:
 - bridge: events/s a bridge publishes while draining a backlog, from its own metrics (no
   client is connected, so the gateway is idle).
 - resume: 1,000 clients reconnecting at once, each owed 100 missed events.
+- outbox: a row committed to the PostgreSQL outbox to the student's socket at 1,000 rows/s
+  (relay pinned beside the gateway), then one relay draining a 20,000-row backlog through
+  both stages (notify and forward to Kafka).
 - scale: per-user fan-out at C=5,000 with 1 vs 2 gateway processes (``--processes 2``,
   SO_REUSEPORT) and 1 Redis vs a 3-master Redis Cluster (REDIS_CLUSTER=1), nothing pinned.
 
@@ -45,6 +48,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import orjson
 import uvloop
 from aiokafka import AIOKafkaProducer
@@ -53,6 +57,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 sys.path.insert(0, str(Path(__file__).parent))
 from wsload import Client, Stats, connect_many, publish_open_loop, resp
 
+from bridge.outbox import admin
 from gateway.auth import mint
 from notify import config, embedded, processes, redis_client
 from notify.keys import Keys
@@ -634,6 +639,107 @@ async def scale(_redis: embedded.Server, args: argparse.Namespace, out: Report) 
         pin(os.getpid(), LOAD_CORE)
 
 
+async def outbox(redis: embedded.Server, args: argparse.Namespace, out: Report) -> None:
+    """PostgreSQL outbox: a committed row to the student's socket, and a relay's backlog."""
+    kafka, postgres = embedded.start_kafka(), embedded.start_postgres()
+    for server in (kafka, postgres):
+        pin(server.process.pid, LOAD_CORE)
+    rules = Path(tempfile.mkdtemp()) / "rules.toml"
+    rules.write_text(RULES)
+    table = "bench_outbox"
+    await admin.init(config.OutboxTable(postgres.address, table))
+    pool = await asyncpg.create_pool(postgres.address, min_size=8, max_size=8)
+    try:
+        async with gateway_stack(redis) as stack:
+            topic = config.load_kafka({"KAFKA_BOOTSTRAP_SERVERS": kafka.address}).topics[0]
+            await embedded.create_topics(kafka.address, [topic])
+            users = [f"outbox-{i}" for i in range(1000)]
+            stats = Stats()
+            clients = await connect_many(stack.gateway_port, [stack.path(u) for u in users], stats)
+            env = {
+                **stack.env,
+                "KAFKA_BOOTSTRAP_SERVERS": kafka.address,
+                "NOTIFY_RULES": str(rules),
+                "NOTIFY_OUTBOX_DSN": postgres.address,
+                "NOTIFY_OUTBOX_TABLE": table,
+                "NOTIFY_OUTBOX_IDEMPOTENT": "0",  # tansu has no InitProducerId
+            }
+
+            def row(n: int) -> tuple[str, str, str, str, str]:
+                user = users[n % len(users)]
+                event = {"eventId": f"o{n}", "eventType": "BENCH_EVENT",
+                         "data": {"studentId": user, "t": time.perf_counter_ns()}}  # fmt: skip
+                return f"o{n}", "BENCH_EVENT", user, orjson.dumps(event).decode(), topic
+
+            async def commit(n: int) -> None:
+                async with pool.acquire() as conn:  # one statement: its own transaction
+                    await conn.execute(
+                        f"INSERT INTO {table} (event_id, event_type, key, payload, topic)"
+                        " VALUES ($1, $2, $3, $4, $5)",
+                        *row(n),
+                    )
+
+            with relay_process(env) as relay:
+                await commit(-1)  # warm-up: the relay connects and loads the script
+                await drain(stats, 1, quiet=60)
+                rate, total = 1000, int(1000 * args.seconds)
+                stats.reset()
+                start, inserts = time.perf_counter(), []
+                for n in range(total):
+                    delay = start + n / rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    inserts.append(asyncio.create_task(commit(n)))
+                await asyncio.gather(*inserts)
+                await drain(stats, total)
+                lat = sorted(stats.latencies)
+                out.headline(
+                    f"outbox insert → relay → WebSocket, {rate:,} rows/s",
+                    f"p50 {percentile(lat, 0.5):.1f} ms, p99 {percentile(lat, 0.99):.1f} ms, "
+                    f"max {lat[-1] / 1000 if lat else float('nan'):.1f} ms; "
+                    f"{100 * stats.events / total:.2f} % delivered",
+                    "p99 ≤ 50 ms",
+                )
+            for client in clients:
+                client.close()
+            # Backlog: rows committed while no relay runs; one relay then notifies and
+            # forwards them all (the table is empty once both stages are done).
+            backlog = 20_000
+            async with pool.acquire() as conn:
+                await conn.copy_records_to_table(
+                    table,
+                    records=[row(1_000_000 + n) for n in range(backlog)],
+                    columns=["event_id", "event_type", "key", "payload", "topic"],
+                )
+            with relay_process(env) as relay:
+                first, cpu0 = time.monotonic(), relay.cpu()
+                while await pool.fetchval(f"SELECT count(*) FROM {table}"):
+                    await asyncio.sleep(0.05)
+                last, cpu = time.monotonic(), relay.cpu() - cpu0
+            out.headline(
+                f"outbox relay, {backlog:,}-row backlog, both stages",
+                f"{backlog / (last - first):,.0f} rows/s "
+                f"({1e6 * cpu / backlog:.0f} us CPU per row)",
+                "≥ 10,000 rows/s",
+            )
+    finally:
+        await pool.close()
+        kafka.stop()
+        postgres.stop()
+
+
+@contextlib.contextmanager
+def relay_process(env: dict[str, str]) -> Iterator[Process]:
+    process = processes.spawn(
+        processes.notify("outbox"), {**env, "OUTBOX_PORT": str(embedded.free_port())}
+    )
+    pin(process.pid, SERVER_CORE)
+    try:
+        yield Process(process.pid)
+    finally:
+        processes.stop(process)
+
+
 SCENARIOS = {
     "fanout": fanout,
     "broadcast": broadcast,
@@ -641,6 +747,7 @@ SCENARIOS = {
     "kafka": kafka_paths,
     "resume": resume,
     "scale": scale,
+    "outbox": outbox,
 }
 
 

@@ -24,37 +24,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
-from redis.exceptions import (
-    AskError,
-    BusyLoadingError,
-    ClusterDownError,
-    MovedError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    ResponseError,
-    TryAgainError,
-)
+from prometheus_client import CollectorRegistry
 
 from notify import redis_client
 from notify.config import BridgeSettings
 from notify.incarnation import Durability
 from notify.keys import Keys
-from notify.publish import Notification, Publisher, Source
+from notify.publish import Publisher, Source
 
-from . import envelope, rules
+from . import handling
+from .handling import Item, Rejected
 from .metrics import BridgeMetrics
-from .rules import Outcome, Rule
+from .rules import Rule
 
 log = logging.getLogger(__name__)
 
@@ -68,41 +58,10 @@ BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
 # A rebalance waits this long for the batch in hand; past it the rebalance goes on and the
 # batch's partitions are left uncommitted for their next owner (who deduplicates).
 REVOKE_WAIT = 30.0
-# Attempts of an event whose Redis work Redis rejects for a reason of its own (not an
-# outage) before it is set aside on the dead-letter topic.
-EVENT_ATTEMPTS = 3
+# The outbox relay's header on an event whose students it notified before forwarding it.
+NOTIFIED = "notify-notified"
 # A dead letter that cannot be sent whole carries this much of the original value.
 TRUNCATED_BYTES = 16_384
-
-# Redis errors that say nothing about the event: Redis is restarting, failing over, full
-# or busy. The batch waits them out.
-_OUTAGES = (
-    AskError,
-    BusyLoadingError,
-    ClusterDownError,
-    MovedError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    TryAgainError,
-)
-_OUTAGE_PREFIXES = ("BUSY", "MASTERDOWN", "NOREPLICAS")
-
-
-@dataclass(slots=True)
-class _Item:
-    """One consumed message on its way through a batch."""
-
-    message: Any  # aiokafka ConsumerRecord
-    outcome: Outcome | None = None
-    # Why it goes to the dead-letter topic (set by parsing, or by Redis rejecting its work).
-    reason: str | None = None
-    # Attempts Redis rejected its work so far.
-    rejected: int = 0
-
-
-class _Rejected(Exception):
-    """Redis rejected some events' work, not yet often enough to set them aside."""
 
 
 class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -144,6 +103,10 @@ class Bridge:
     @property
     def ready(self) -> bool:
         return self._started and self._failing is None
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.metrics.registry
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._start_clients(stop)
@@ -202,13 +165,14 @@ class Bridge:
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _handle(self, batch: dict[TopicPartition, list[Any]], stop: asyncio.Event) -> None:
-        items: list[_Item] = []
+        items: list[Item] = []
         offsets: dict[TopicPartition, int] = {}
         for tp, messages in batch.items():
             self.metrics.consumed.labels(tp.topic).inc(len(messages))
             items.extend(self._map(message) for message in messages)
             offsets[tp] = messages[-1].offset + 1
-        await self._retry("redis publish", stop, lambda: self._publish(items))
+        publish = functools.partial(handling.publish, self._publisher, items, self.metrics)
+        await self._retry("redis publish", stop, publish)
         dead = [item for item in items if item.reason is not None]
         await self._retry("dead-letter send", stop, lambda: self._send_dead(dead))
         await self._commit(offsets)
@@ -246,21 +210,18 @@ class Bridge:
             with contextlib.suppress(Exception):
                 await admin.close()
 
-    def _map(self, message: Any) -> _Item:
-        try:
-            event = envelope.parse(message.value)
-            rule = self._rules.get(event.event_type)
-            if rule is None:
-                self.metrics.unknown_type.inc()
-                return _Item(message)
-            source = Source(message.topic, message.partition, message.offset, message.timestamp)
-            return _Item(message, outcome=rules.apply(rule, event, source))
-        except envelope.EnvelopeError as exc:
-            return _Item(message, reason=str(exc))
+    def _map(self, message: Any) -> Item:
+        if (NOTIFIED, b"1") in (message.headers or ()):
+            # Forwarded by the outbox relay after it notified the students itself: however
+            # late this copy comes (Kafka down for days), it must not notify them again.
+            self.metrics.deduplicated.inc()
+            return Item(message)
+        source = Source(message.topic, message.partition, message.offset, message.timestamp)
+        return handling.map_event(message, message.value, self._rules, self.metrics, source)
 
-    async def _send_dead(self, dead: list[_Item]) -> None:
+    async def _send_dead(self, dead: list[Item]) -> None:
         for item in dead:
-            message, reason = item.message, item.reason or ""
+            message, reason = item.origin, item.reason or ""
             headers = [
                 *(message.headers or ()),
                 ("notify-dlq-reason", reason.encode()),
@@ -311,51 +272,6 @@ class Bridge:
             BROKER_TIMEOUT,
         )
 
-    async def _publish(self, items: list[_Item]) -> None:
-        """All Redis work of the batch: its cache keys first, then its publishes in Kafka order.
-
-        A connection error raises and the whole batch is retried (the dedupe keys make that
-        safe), and so does any error that says nothing about the event itself: NOSCRIPT
-        after a restart, OOM, READONLY after a failover, BUSY. An error about one event is
-        final at once if it must recur (data that cannot be encoded, WRONGTYPE on its keys);
-        any other gets EVENT_ATTEMPTS tries of the whole batch. A final error dead-letters
-        the event with Redis's answer as the reason.
-        """
-        work = [item for item in items if item.outcome is not None]
-        stale: list[str] = []
-        sends: list[tuple[_Item, Notification]] = []
-        for item in work:
-            assert item.outcome is not None
-            stale.extend(item.outcome.cache_keys)
-            sends.extend((item, notification) for notification in item.outcome.notifications)
-        sent = await self._publisher.invalidate_then_publish(stale, [n for _, n in sends])
-        for result in sent.results:
-            if isinstance(result, Exception) and _outage(result):
-                raise result
-        rejected = False
-        now = datetime.now(UTC)
-        for (item, notification), result in zip(sends, sent.results, strict=True):
-            if isinstance(result, TypeError):
-                item.reason = f"data cannot be encoded as JSON: {result}"
-            elif isinstance(result, Exception):
-                item.rejected += 1
-                if item.rejected >= EVENT_ATTEMPTS or str(result).startswith("WRONGTYPE"):
-                    item.reason = f"redis rejected the event's work: {result}"
-                else:
-                    rejected = True
-            elif result.duplicate:
-                self.metrics.deduplicated.inc()
-            else:
-                self.metrics.published.labels(notification.event).inc()
-        for item in work:
-            assert item.outcome is not None
-            self.metrics.cache_keys_deleted.inc(len(item.outcome.cache_keys))
-            occurred = item.outcome.occurred_at
-            if occurred is not None and occurred.tzinfo is not None:
-                self.metrics.event_age.observe(max(0.0, (now - occurred).total_seconds()))
-        if rejected:
-            raise _Rejected("redis rejected an event's work; retrying the batch")
-
     async def _retry(
         self, what: str, stop: asyncio.Event, step: Callable[[], Awaitable[None]]
     ) -> None:
@@ -365,7 +281,7 @@ class Bridge:
         while True:
             try:
                 await step()
-            except (*redis_client.UNAVAILABLE, KafkaError, TimeoutError, _Rejected) as exc:
+            except (*redis_client.UNAVAILABLE, KafkaError, TimeoutError, Rejected) as exc:
                 if not failing:
                     log.warning("%s failed (%s); retrying until it succeeds", what, exc)
                     failing = True
@@ -418,15 +334,6 @@ class Bridge:
     async def _close(self) -> None:
         await self._stop_kafka()
         await self._redis.aclose()
-
-
-def _outage(error: Exception) -> bool:
-    """A Redis error that is not about the event it answered."""
-    if isinstance(error, TypeError):
-        return False
-    if isinstance(error, ResponseError) and not isinstance(error, _OUTAGES):
-        return str(error).startswith(_OUTAGE_PREFIXES)
-    return True
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

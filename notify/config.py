@@ -362,3 +362,54 @@ def load_bridge(env: Mapping[str, str]) -> BridgeSettings:
         host=_host(env),
         port=_int(env, "BRIDGE_PORT", 9101, 1, 65_535),
     )
+
+
+_TABLE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxTable:
+    """Where the backend writes its outbox rows."""
+
+    dsn: str
+    table: str
+
+
+def load_outbox_table(env: Mapping[str, str]) -> OutboxTable:
+    dsn = _required(env, "NOTIFY_OUTBOX_DSN", "postgresql://app@db:5432/app")
+    if urlsplit(dsn).scheme not in ("postgresql", "postgres"):
+        raise ConfigError("NOTIFY_OUTBOX_DSN", "must be a postgresql:// URL")
+    table = _get(env, "NOTIFY_OUTBOX_TABLE") or "notify_outbox"
+    if not _TABLE.match(table):
+        raise ConfigError("NOTIFY_OUTBOX_TABLE", f"must match {_TABLE.pattern}, got {table!r}")
+    return OutboxTable(dsn, table)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxSettings:
+    outbox: OutboxTable
+    redis: RedisSettings
+    kafka_bootstrap: str
+    history: HistorySettings
+    rules_path: str | None
+    # Seconds a row both stages are done with is kept (0: deleted at once).
+    retention: int
+    # Forward with an idempotent producer (InitProducerId): Apache Kafka has it; a broker
+    # without it (tansu, the embedded dev broker; some managed services) needs False.
+    idempotent: bool
+    host: str
+    port: int
+
+
+def load_outbox(env: Mapping[str, str]) -> OutboxSettings:
+    return OutboxSettings(
+        outbox=load_outbox_table(env),
+        redis=load_redis(env),
+        kafka_bootstrap=_bootstrap(env),
+        history=load_history(env),
+        rules_path=_get(env, "NOTIFY_RULES"),
+        retention=_int(env, "NOTIFY_OUTBOX_RETENTION", 0, 0, 365 * 86_400),
+        idempotent=_int(env, "NOTIFY_OUTBOX_IDEMPOTENT", 1, 0, 1) == 1,
+        host=_host(env),
+        port=_int(env, "OUTBOX_PORT", 9102, 1, 65_535),
+    )

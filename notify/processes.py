@@ -36,23 +36,31 @@ def spawn(
     env: dict[str, str] | None = None,
     quiet: bool = False,
     log: IO[bytes] | None = None,
+    user: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a child that dies with us; its output is inherited, discarded or sent to ``log``."""
+    """Start a child that dies with us; its output is inherited, discarded or sent to ``log``.
+
+    ``user``: run it as that system user (PostgreSQL refuses to run as root). The death
+    signal is set after the switch, which would otherwise clear it.
+    """
     output: IO[bytes] | int | None = subprocess.DEVNULL if quiet else log
     return subprocess.Popen(  # noqa: S603 - arguments are built by the caller, not a shell
         list(args),
         env=env,
         stdout=output,
         stderr=output,
+        user=user,
         preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
 
 
-def stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if the child has not exited within ``timeout``."""
+def stop(
+    process: subprocess.Popen[bytes], timeout: float = 10.0, sig: int = signal.SIGTERM
+) -> None:
+    """``sig``, then SIGKILL if the child has not exited within ``timeout``."""
     if process.poll() is not None:
         return
-    process.terminate()
+    process.send_signal(sig)
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:

@@ -51,6 +51,18 @@ def kafka_bootstrap() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """PostgreSQL for the outbox: the embedded server, or NOTIFY_OUTBOX_DSN's."""
+    external = os.environ.get("NOTIFY_OUTBOX_DSN")
+    if external:
+        yield external
+        return
+    server = embedded.start_postgres()
+    yield server.address
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[embedded.Cluster]:
     """Three masters with one replica each, in cluster mode: for REDIS_CLUSTER=1 tests."""
     cluster = embedded.start_redis_cluster(masters=3, replicas=1)

@@ -55,7 +55,7 @@ def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly(clust
     assert dev.stdout is not None
     banner = ""
     try:
-        while "Send a demo" not in banner or not banner.rstrip().endswith("purchaseTier=30"):
+        while "through the outbox" not in banner or "INSERT INTO" not in banner.splitlines()[-1]:
             assert time.monotonic() - started < 30, f"no banner within 30 s:\n{banner}"
             # Raw reads: a buffered readline() would hide data from select().
             ready, _, _ = select.select([dev.stdout], [], [], 1)
@@ -63,6 +63,7 @@ def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly(clust
                 banner += os.read(dev.stdout.fileno(), 65536).decode()
         ws_url = re.search(r"'(ws://\S+/ws\?token=\S+)'", banner)
         send = re.search(r"(KAFKA_BOOTSTRAP_SERVERS=\S+ .*send-event .*\\\n.*)", banner)
+        insert = banner.rstrip().splitlines()[-1].strip()
         assert ws_url, banner
         assert send, banner
         command = send.group(1).replace("\\\n", " ")
@@ -71,11 +72,16 @@ def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly(clust
             command = command.replace(command.split()[1], f"{sys.executable} -m notify", 1)
             subprocess.run(command, shell=True, check=True, timeout=60, capture_output=True)
             frame = orjson.loads(ws.recv(30))
+            # The outbox line, as printed: psql commits a row; the relay notifies at once.
+            subprocess.run(insert, shell=True, check=True, timeout=30, capture_output=True)
+            outboxed = orjson.loads(ws.recv(30))
         assert frame["event"] == "COURSE_PURCHASED"
         assert frame["data"]["purchaseTier"] == 30
+        assert outboxed["event"] == "PAYMENT_CONFIRMED"
+        assert outboxed["data"]["amount"] == 360000
         family = descendants(dev.pid)
-        # valkey-server (three with a cluster), tansu, bridge, gateway
-        assert len(family) >= (6 if cluster == "1" else 4)
+        # valkey-server (three with a cluster), tansu, postgres, bridge, relay, gateway
+        assert len(family) >= (8 if cluster == "1" else 6)
     finally:
         dev.send_signal(signal.SIGTERM)
         code = dev.wait(20)

@@ -30,12 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from bridge.outbox import admin
 from gateway.auth import mint
 from notify import config, embedded, processes
 
@@ -70,6 +72,10 @@ class Stack:
     # points at the replica.
     replica: embedded.Server | None = None
     redis_proxy: TcpProxy | None = None
+    # With an outbox: PostgreSQL (and its data directory) and two relays.
+    postgres: embedded.Server | None = None
+    postgres_dir: str = ""
+    relays: list[subprocess.Popen[bytes] | None] = field(default_factory=list)
 
     @property
     def urls(self) -> list[str]:
@@ -98,6 +104,24 @@ class Stack:
             self.bridge.wait()
             self.bridge = None
 
+    def start_relays(self, count: int) -> None:
+        self.relays = [
+            self.spawn("outbox", OUTBOX_PORT=str(embedded.free_port())) for _ in range(count)
+        ]
+
+    def kill_relay(self, index: int) -> None:
+        process = self.relays[index]
+        if process is not None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            self.relays[index] = None
+
+    def restart_postgres(self) -> None:
+        """A fast shutdown (every session cut) and a start on the same data."""
+        assert self.postgres is not None
+        self.postgres.stop()
+        self.postgres = embedded.start_postgres(self.postgres.port, self.postgres_dir)
+
     def restart_redis(self) -> None:
         """Stop Redis cleanly and start it again on the same port and files: what it
         persisted, if anything, is back."""
@@ -119,7 +143,7 @@ class Stack:
         await self.redis_proxy.restore()
 
     def stop(self) -> None:
-        for process in [*self.gateways, self.bridge]:
+        for process in [*self.gateways, self.bridge, *self.relays]:
             if process is not None:
                 processes.stop(process)
         self.kafka.process.send_signal(signal.SIGCONT)
@@ -127,10 +151,14 @@ class Stack:
         self.redis.stop()
         if self.replica is not None:
             self.replica.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
 
 
 @contextlib.asynccontextmanager
-async def stack(redis_args: tuple[str, ...] = (), replica: bool = False) -> AsyncIterator[Stack]:
+async def stack(
+    redis_args: tuple[str, ...] = (), replica: bool = False, outbox: bool = False
+) -> AsyncIterator[Stack]:
     redis_dir = tempfile.mkdtemp()
     redis = embedded.start_redis(args=redis_args, workdir=redis_dir)
     redis_address, redis_proxy, replica_server = redis.address, None, None
@@ -176,6 +204,12 @@ async def stack(redis_args: tuple[str, ...] = (), replica: bool = False) -> Asyn
         replica=replica_server,
         redis_proxy=redis_proxy,
     )
+    if outbox:
+        running.postgres_dir = tempfile.mkdtemp()
+        running.postgres = embedded.start_postgres(datadir=running.postgres_dir)
+        running.env["NOTIFY_OUTBOX_DSN"] = running.postgres.address
+        running.env["NOTIFY_OUTBOX_IDEMPOTENT"] = "0"  # tansu has no InitProducerId
+        await admin.init(config.load_outbox_table(running.env))
     try:
         running.start_gateway(0)
         running.start_gateway(1)
@@ -364,3 +398,127 @@ class Run:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._producer.stop()
+
+
+class Rollback(Exception):
+    """A payment service's transaction that is undone on purpose."""
+
+
+class OutboxRun(Run):
+    """Students whose events a payment service commits through the outbox, 4 writers at once.
+
+    Each student's events come from one writer, one transaction each, so their order is
+    the commit order. A transaction is rolled back on purpose every ``rollback`` (the event
+    is then written again, with the same number, in the next one): a rolled-back row that
+    notified would show up as a duplicate.
+    """
+
+    WRITERS = 4
+
+    def __init__(self, running: Stack, students: int) -> None:
+        super().__init__(running, students)
+        self.rolled_back = 0
+        assert running.postgres is not None
+        self._table = config.load_outbox_table(running.env).table
+
+    async def stream(self, seconds: float, rate: int, rollback: float = 0.1) -> None:
+        count = int(seconds * SCALE * rate)
+        writers = [
+            self._writer(
+                self.devices[w :: self.WRITERS],
+                count // self.WRITERS,
+                rate / self.WRITERS,
+                rollback,
+            )
+            for w in range(self.WRITERS)
+        ]
+        await asyncio.gather(*writers)
+
+    async def _writer(
+        self, devices: list[Device], count: int, rate: float, rollback: float
+    ) -> None:
+        conn: Any = None
+        start, i = time.monotonic(), 0
+        while i < count:
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            device = devices[i % len(devices)]
+            n = self.sent[device.student]
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await asyncpg.connect(self.stack.env["NOTIFY_OUTBOX_DSN"])
+                if await self._commit(conn, device.student, n, random.random() < rollback):
+                    self.sent[device.student] = n + 1
+                    i += 1
+                else:
+                    self.rolled_back += 1
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                # PostgreSQL restarting: the backend retries its transaction, as this does.
+                conn = None
+                await asyncio.sleep(0.2)
+        if conn is not None:
+            await conn.close()
+
+    async def _commit(self, conn: Any, student: str, n: int, undo: bool) -> bool:
+        """One business transaction with its outbox row; False if it was rolled back."""
+        event_id = f"{student}:{n}"
+        data = {"studentId": student, "n": n, "sentAt": time.time()}
+        event = {"eventId": event_id, "eventType": "CHAOS_EVENT", "data": data}
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    f"INSERT INTO {self._table} (event_id, event_type, key, payload, topic)"
+                    " VALUES ($1, $2, $3, $4, $5)",
+                    event_id,
+                    "CHAOS_EVENT",
+                    student,
+                    orjson.dumps(event).decode(),
+                    TOPIC,
+                )
+                if undo:
+                    raise Rollback
+        except Rollback:
+            return False
+        except asyncpg.UniqueViolationError:
+            pass  # the commit went through before its answer was lost: it is there
+        return True
+
+    async def forwarded(self) -> tuple[int, int, int]:
+        """What Kafka holds of the committed events: (distinct, duplicates, out of order)."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.stack.kafka.address, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            partitions = [
+                TopicPartition(TOPIC, p) for p in consumer.partitions_for_topic(TOPIC) or []
+            ]
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            ends = await consumer.end_offsets(partitions)
+            seen: dict[str, list[int]] = {}
+            while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+                for messages in (await consumer.getmany(timeout_ms=1000)).values():
+                    for message in messages:
+                        data = orjson.loads(message.value)["data"]
+                        seen.setdefault(data["studentId"], []).append(data["n"])
+        finally:
+            await consumer.stop()
+        distinct = sum(len(set(numbers)) for numbers in seen.values())
+        duplicates = sum(len(numbers) - len(set(numbers)) for numbers in seen.values())
+        reordered = sum(_out_of_order(numbers) for numbers in seen.values())
+        return distinct, duplicates, reordered
+
+
+def _out_of_order(numbers: list[int]) -> int:
+    """First appearances that come after a higher number (a re-sent copy is not one)."""
+    highest, count, seen = -1, 0, set()
+    for n in numbers:
+        if n in seen:
+            continue
+        seen.add(n)
+        if n < highest:
+            count += 1
+        highest = max(highest, n)
+    return count

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
-from .harness import Figures, Run, Stack, stack
+from .harness import TOPIC, Figures, OutboxRun, Run, Stack, stack
 from .report import record
 
 KAFKA_CUT_SECONDS = float(os.environ.get("CHAOS_KAFKA_CUT_SECONDS", "60"))
@@ -191,3 +192,97 @@ async def test_g_pubsub_connection_killed(chaos: Stack) -> None:
         await run.close()
         await redis.aclose()
     check("(g) CLIENT KILL TYPE pubsub", figures, f"{kills} Pub/Sub connections killed")
+
+
+async def bridge_consumed(running: Stack) -> int:
+    """Messages of the chaos topic the bridge process has read (its /metrics)."""
+    url = f"http://127.0.0.1:{running.env['BRIDGE_PORT']}/metrics"
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(url)).text
+    prefix = f'notify_bridge_events_consumed_total{{topic="{TOPIC}"}} '
+    line = next((line for line in text.splitlines() if line.startswith(prefix)), None)
+    return 0 if line is None else int(float(line.removeprefix(prefix)))
+
+
+async def until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out: {what}"
+        await asyncio.sleep(0.5)
+
+
+async def outbox_settled(run: OutboxRun, within: float = 120) -> tuple[Figures, str]:
+    """Every committed event forwarded and the bridge's copies read; the figures, and a note
+    on what Kafka holds."""
+    committed = sum(run.sent.values())
+
+    async def forwarded_all() -> bool:
+        return (await run.forwarded())[0] == committed
+
+    await until(forwarded_all, within, "every committed event in Kafka")
+    distinct, duplicates, reordered = await run.forwarded()
+
+    async def bridge_read_all() -> bool:
+        return await bridge_consumed(run.stack) >= distinct + duplicates
+
+    await until(bridge_read_all, within, "the bridge reads the forwarded events")
+    figures = await run.settle(within)
+    assert reordered == 0, f"{reordered} events reached Kafka out of order"
+    return figures, f"Kafka: {distinct} events, {duplicates} duplicates, {reordered} out of order"
+
+
+@pytest.mark.timeout(400)
+async def test_j_kafka_down_while_the_payment_service_commits_through_the_outbox() -> None:
+    """The first incident report, replayed: the payment service's emit to Kafka failed
+    (ECONNREFUSED) and the purchase event was gone. Written to the outbox in its own
+    transaction instead, every committed one reaches its student during the cut."""
+    async with stack(outbox=True) as running:
+        running.start_relays(2)
+        run = OutboxRun(running, students=100)
+        await run.start()
+        try:
+            await running.proxy.cut()
+            await run.stream(KAFKA_CUT_SECONDS, rate=int(5000 / KAFKA_CUT_SECONDS))
+            during = await run.settle(60)
+            check("(j) outbox, Kafka down: notified during the cut", during)
+            await running.proxy.restore()
+            figures, kafka = await outbox_settled(run)
+        finally:
+            await run.close()
+    check(
+        "(j) outbox, Kafka down: after the cut",
+        figures,
+        f"{run.rolled_back} rolled back, none notified; {kafka}; the bridge notified none again",
+    )
+
+
+async def test_k_kill_9_of_one_of_two_relays() -> None:
+    async with stack(outbox=True) as running:
+        running.start_relays(2)
+        run = OutboxRun(running, students=50)
+        await run.start()
+        try:
+            streaming = asyncio.create_task(run.stream(6, rate=400))
+            await asyncio.sleep(2)
+            running.kill_relay(0)
+            await streaming
+            figures, kafka = await outbox_settled(run)
+        finally:
+            await run.close()
+    check("(k) outbox, kill -9 of one of two relays", figures, kafka)
+
+
+async def test_l_postgresql_restart_under_the_outbox() -> None:
+    async with stack(outbox=True) as running:
+        running.start_relays(2)
+        run = OutboxRun(running, students=50)
+        await run.start()
+        try:
+            streaming = asyncio.create_task(run.stream(6, rate=300))
+            await asyncio.sleep(2)
+            running.restart_postgres()
+            await streaming
+            figures, kafka = await outbox_settled(run)
+        finally:
+            await run.close()
+    check("(l) outbox, PostgreSQL restart", figures, kafka)
