@@ -62,6 +62,9 @@ EXPIRE_INTERVAL = 60.0
 _DATABASE_DOWN: tuple[type[Exception], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # What asyncpg raises when the server went away in the middle of a transaction and
+    # the rollback finds the connection in the wrong state.
+    asyncpg.InternalClientError,
     OSError,
 )
 _RETRIED = (*_DATABASE_DOWN, *redis_client.UNAVAILABLE, KafkaError, TimeoutError)

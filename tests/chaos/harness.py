@@ -453,8 +453,15 @@ class OutboxRun(Run):
                     i += 1
                 else:
                     self.rolled_back += 1
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+            ):
                 # PostgreSQL restarting: the backend retries its transaction, as this does.
+                if conn is not None:
+                    conn.terminate()
                 conn = None
                 await asyncio.sleep(0.2)
         if conn is not None:
