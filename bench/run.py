@@ -167,6 +167,9 @@ async def gateway_stack(
         "PORT": str(port),
         "NOTIFY_LOG_LEVEL": "WARNING",
         "NOTIFY_MAX_CONNECTIONS_PER_USER": "10000",
+        # Every client of the load generator comes from one address, thousands at once.
+        "NOTIFY_CONNECT_RATE": "0",
+        "NOTIFY_MAX_PENDING_CONNECTIONS": "100000",
         **extra,
     }
     command = processes.notify("gateway")

@@ -36,7 +36,7 @@ class OutboxMetrics:
         )
         self.lag = Histogram(
             "notify_outbox_lag_seconds",
-            "From a row's created_at to a stage being done with it.",
+            "From a batch's oldest row's created_at to the stage being done with the batch.",
             ["stage"],
             buckets=_LAG_BUCKETS,
             registry=r,

@@ -1,11 +1,13 @@
 """The outbox table as the relay sees it: its schema, claiming lanes, and recording progress.
 
 Each stage (notify, forward) works on the rows it has not done yet, lane by lane. A relay
-claims lanes with transaction-level advisory locks, one key per stage and lane, so a lane
-is worked on by one relay at a time, in id order, and its locks go with the transaction
-(a relay killed mid-batch releases them; its rows are still to do). The rows are read in
-a statement of their own after the locks are taken: in READ COMMITTED it then sees what the
-lane's previous holder committed, and does not do it again.
+claims lanes with advisory locks, one key per stage and lane, so a lane is worked on by one
+relay at a time, in id order. The locks are the session's, held while the batch's work is
+done (Redis, Kafka) outside any transaction, and released after the short transaction that
+records it: no row stays locked while waiting on a network, so the two stages, which mark
+the same rows, do not wait on each other. A relay killed mid-batch loses its session, and
+with it the locks; its rows are still to do. The rows are read in a statement of their own
+after the locks are taken, so that it sees what the lane's previous holder recorded.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 LANES = 64
 
@@ -32,10 +34,18 @@ _PENDING = {
     FORWARD: "forwarded_at IS NULL AND topic IS NOT NULL AND failed_at IS NULL",
 }
 _DONE_COLUMN = {NOTIFY: "notified_at", FORWARD: "forwarded_at"}
+# The row is done with by the stage that is not this one (a row without a topic is never
+# forwarded).
+_OTHER_DONE = {
+    NOTIFY: "(forwarded_at IS NOT NULL OR topic IS NULL)",
+    FORWARD: "notified_at IS NOT NULL",
+}
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
+class Row(NamedTuple):
+    """A row to do, in the column order of :meth:`Outbox.claim`'s query (a tuple: built
+    a thousand times per batch)."""
+
     id: int
     event_id: str
     key: str
@@ -82,7 +92,7 @@ class Outbox:
         """Lock up to ``lanes`` lanes with work for ``stage`` (in a random order, so relays
         spread over them) and return their oldest ``rows`` rows to do, in id order.
 
-        Call inside a transaction: the locks are held until it ends.
+        The locks are held until :meth:`release`, or until the connection is gone.
         """
         pending = _PENDING[stage]
         # OFFSET 0 keeps the lock call from being evaluated before the EXISTS: a lane is
@@ -95,7 +105,7 @@ class Outbox:
                               AND {pending})
                 ORDER BY random() OFFSET 0
             ) waiting
-            WHERE pg_try_advisory_xact_lock($1, lane)
+            WHERE pg_try_advisory_lock($1, lane)
             LIMIT $2
             """,
             self._lock_space[stage],
@@ -114,19 +124,40 @@ class Outbox:
             [record["lane"] for record in locked],
             rows,
         )
-        return [Row(**dict(record)) for record in records]
+        return [Row._make(record) for record in records]
+
+    async def release(self, conn: Any) -> None:
+        """Release the lanes :meth:`claim` locked on this connection."""
+        await conn.execute("SELECT pg_advisory_unlock_all()")
 
     async def done(self, conn: Any, stage: Stage, ids: list[int], delete: bool) -> None:
-        """Record that ``stage`` is done with ``ids``; ``delete`` the rows both are done with."""
+        """Record that ``stage`` is done with ``ids``.
+
+        With ``delete``, a row the other stage is done with already is deleted instead of
+        marked: one UPDATE and one DELETE per row rather than two UPDATEs and a DELETE (each
+        UPDATE writes a new row version and index entries). The rows are locked first, in
+        id order, so the two stages take turns on each row (and never deadlock): the second
+        one sees the first one's mark and deletes.
+        """
         if not ids:
             return
-        column = _DONE_COLUMN[stage]
         await conn.execute(
-            f"UPDATE {self.table} SET {column} = now() WHERE id = ANY($1::bigint[])", ids
+            f"SELECT 1 FROM {self.table} WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE",
+            ids,
         )
         if delete:
+            deleted = await conn.fetch(
+                f"DELETE FROM {self.table} WHERE id = ANY($1::bigint[]) AND {_OTHER_DONE[stage]}"
+                " RETURNING id",
+                ids,
+            )
+            if deleted:
+                gone = {record["id"] for record in deleted}
+                ids = [row_id for row_id in ids if row_id not in gone]
+        if ids:
+            column = _DONE_COLUMN[stage]
             await conn.execute(
-                f"DELETE FROM {self.table} WHERE id = ANY($1::bigint[]) AND {_FINISHED}", ids
+                f"UPDATE {self.table} SET {column} = now() WHERE id = ANY($1::bigint[])", ids
             )
 
     async def fail(self, conn: Any, failures: dict[int, str]) -> None:
