@@ -578,11 +578,12 @@ async def resume(redis: embedded.Server, _args: argparse.Namespace, out: Report)
             publisher.nth,
         )  # fmt: skip
         await asyncio.sleep(1)
+        # Each client resumes from before its student's first event: "<epoch>-0".
+        positions = await epochs(stack.target, users)
         stats = Stats()
         cpu0, start = stack.gateway.cpu(), time.monotonic()
-        clients = await connect_many(
-            stack.gateway_port, [stack.path(u, since="0") for u in users], stats, 1000
-        )
+        paths = [stack.path(u, since=f"{positions[u].decode()}-0") for u in users]
+        clients = await connect_many(stack.gateway_port, paths, stats, 1000)
         await drain(stats, conns * missed)
         elapsed = time.monotonic() - start
         cpu = stack.gateway.cpu() - cpu0
