@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 # its servers here). Root installs it; anyone else gets the tests skipped with the reason.
 CHROMIUM := /usr/bin/chromium
 CHROMIUM_STAMP := $(VENV)/.chromium
+# The JS client package's dev dependencies (TypeScript), from its lockfile.
+JS := clients/js
+JS_STAMP := $(JS)/node_modules/.installed
 
 .PHONY: dev test lint bench clean
 
@@ -26,6 +29,11 @@ $(CHROMIUM_STAMP): $(STAMP)
 	@if [ -x $(CHROMIUM) ]; then touch $@; \
 	else echo "no $(CHROMIUM) and not root: the browser tests will be skipped"; fi
 
+$(JS_STAMP): $(JS)/package-lock.json
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix $(JS) --no-audit --no-fund --silent && touch $@; \
+	else echo "no npm: the JS client's tests will be skipped"; fi
+
 dev: $(STAMP)
 	$(BIN)/notify dev
 
@@ -34,11 +42,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint $(CHROMIUM_STAMP)
+test: lint $(CHROMIUM_STAMP) $(JS_STAMP)
 	$(BIN)/pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache $(JS)/node_modules

@@ -22,10 +22,10 @@ from bridge.rules import RuleError
 from . import api_client, config
 
 
-def _configure_logging() -> None:
+def _configure_logging(process: str) -> None:
     from . import logs
 
-    logs.configure(os.environ.get("NOTIFY_LOG_LEVEL", "INFO"))
+    logs.configure(os.environ.get("NOTIFY_LOG_LEVEL", "INFO"), process)
 
 
 def _positive(text: str) -> int:
@@ -48,7 +48,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway import server
 
     settings = config.load_gateway(os.environ)
-    _configure_logging()
+    _configure_logging("gateway")
     return server.serve(settings, args.processes)
 
 
@@ -58,7 +58,7 @@ def cmd_bridge(_args: argparse.Namespace) -> int:
 
     settings = config.load_bridge(os.environ)
     rule_set = rules.load(settings.rules_path)
-    _configure_logging()
+    _configure_logging("bridge")
     _run(service.run(lambda: Bridge(settings, rule_set), settings.host, settings.port))
     return 0
 
@@ -76,7 +76,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         return 0
     settings = config.load_outbox(os.environ)
     rule_set = rules.load(settings.rules_path)
-    _configure_logging()
+    _configure_logging("outbox")
     _run(service.run(lambda: Relay(settings, rule_set), settings.host, settings.port))
     return 0
 
@@ -171,7 +171,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_dev(_args: argparse.Namespace) -> int:
     from .dev import run_dev
 
-    _configure_logging()
+    _configure_logging("dev")
     return run_dev()
 
 

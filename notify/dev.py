@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import shlex
@@ -22,6 +23,7 @@ import time
 import urllib.request
 import uuid
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from types import FrameType
 
@@ -138,6 +140,8 @@ notify-gateway is running (Ctrl-C stops everything).
 
 Watch the student's notifications (in a second terminal):
   {python} -m websockets '{ws}/ws?token={token}'
+or with the JS client package (clients/js), from Node 20:
+  {_node_snippet(f"{ws}/ws", token)}
 
 Send a demo PURCHASE_CREATED through Kafka (in a third terminal):
   {kafka_env} {notify} send-event PURCHASE_CREATED --student {DEV_STUDENT} \\
@@ -149,6 +153,18 @@ reaches the student even with Kafka down, and Kafka once it is back):
 """,
         flush=True,
     )
+
+
+def _node_snippet(url: str, token: str) -> str:
+    """A one-line Node program that subscribes with the client package (README there)."""
+    module = resources.files("gateway").joinpath("static", "notify-client.js")
+    program = (
+        f"import {{ NotifyClient }} from {json.dumps(str(module))}; "
+        f"new NotifyClient({{ url: {json.dumps(url)}, getToken: () => {json.dumps(token)}, "
+        "onEvent: (event, data, invalidate) => console.log(event, JSON.stringify(data), "
+        "invalidate) }).start();"
+    )
+    return f"node --experimental-websocket --input-type=module -e {shlex.quote(program)}"
 
 
 def _outbox_insert(outbox: config.OutboxTable, topic: str) -> str:

@@ -74,12 +74,18 @@ def install() -> None:
 
 
 class JsonFormatter(logging.Formatter):
-    """``{"time", "level", "logger", "message"[, "exception"]}``, one line per record."""
+    """``{"time", "level", "process", "logger", "message"[, "exception"]}``, one line per
+    record: what log shippers read."""
+
+    def __init__(self, process: str) -> None:
+        super().__init__()
+        self._process = process
 
     def format(self, record: logging.LogRecord) -> str:
         doc = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
+            "process": self._process,
             "logger": record.name,
             "message": record.getMessage(),
         }
@@ -88,10 +94,32 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
-def configure(level: str) -> None:
-    """Process-wide logging for the services: JSON lines on stderr at ``level``."""
+_COLOURS = {"DEBUG": "2", "INFO": "36", "WARNING": "33", "ERROR": "31", "CRITICAL": "1;31"}
+
+
+class ReadableFormatter(logging.Formatter):
+    """``12:03:44.120 WARNING gateway  message``, coloured by level: for a person at a
+    terminal (``notify dev``), not for a log shipper."""
+
+    def __init__(self, process: str) -> None:
+        super().__init__()
+        self._process = process
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
+        level = f"\x1b[{_COLOURS.get(record.levelname, '0')}m{record.levelname:<7}\x1b[0m"
+        line = f"\x1b[2m{when}\x1b[0m {level} {self._process:<8} {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + redact(self.formatException(record.exc_info))
+        return line
+
+
+def configure(level: str, process: str) -> None:
+    """Process-wide logging for the services at ``level``, on stderr: JSON lines, or
+    readable lines when stderr is a terminal. ``process`` names the service in each line."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    formatter = ReadableFormatter if sys.stderr.isatty() else JsonFormatter
+    handler.setFormatter(formatter(process))
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level.upper() if level.upper() in logging.getLevelNamesMapping() else "INFO")

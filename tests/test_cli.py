@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import pty
+import re
+import select
 import subprocess
+import time
 
 import pytest
 
 from gateway.auth import TokenVerifier
-from notify import config, processes
+from notify import config, embedded, processes
+
+from .support import settings_env
 
 
 def notify(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -68,3 +74,32 @@ async def test_token_command_mints_a_verifiable_token() -> None:
         result.stdout.strip()
     )
     assert claims.user_id == "student-42"
+
+
+def test_services_log_readable_lines_on_a_terminal(redis_url: str) -> None:
+    """On a terminal (``notify dev`` in a shell) lines are for a person: time, level,
+    process, message, coloured; elsewhere they stay JSON for log shippers."""
+    port = embedded.free_port()
+    terminal, child_side = pty.openpty()
+    gateway = subprocess.Popen(
+        processes.notify("gateway"),
+        env={**os.environ, **settings_env(redis_url, PORT=str(port))},
+        stdout=subprocess.DEVNULL,
+        stderr=child_side,
+    )
+    os.close(child_side)
+    shown = b""
+    try:
+        deadline = time.monotonic() + 20
+        while b"startup complete" not in shown and time.monotonic() < deadline:
+            ready, _, _ = select.select([terminal], [], [], 0.5)
+            if ready:
+                shown += os.read(terminal, 65536)
+    finally:
+        processes.stop(gateway)
+        os.close(terminal)
+    line = next(x for x in shown.decode().splitlines() if "startup complete" in x)
+    assert re.match(
+        r"\x1b\[2m\d\d:\d\d:\d\d\.\d{3}\x1b\[0m \x1b\[36mINFO   \x1b\[0m gateway  ", line
+    ), repr(line)
+    assert "{" not in line

@@ -55,7 +55,7 @@ def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly(clust
     assert dev.stdout is not None
     banner = ""
     try:
-        while "through the outbox" not in banner or "INSERT INTO" not in banner.splitlines()[-1]:
+        while "through the outbox" not in banner or "INSERT" not in banner.rstrip().split("\n")[-1]:
             assert time.monotonic() - started < 30, f"no banner within 30 s:\n{banner}"
             # Raw reads: a buffered readline() would hide data from select().
             ready, _, _ = select.select([dev.stdout], [], [], 1)
@@ -64,11 +64,15 @@ def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly(clust
         ws_url = re.search(r"'(ws://\S+/ws\?token=\S+)'", banner)
         send = re.search(r"(KAFKA_BOOTSTRAP_SERVERS=\S+ .*send-event .*\\\n.*)", banner)
         insert = banner.rstrip().splitlines()[-1].strip()
+        node = next(line.strip() for line in banner.splitlines() if "NotifyClient" in line)
         assert ws_url, banner
         assert send, banner
         command = send.group(1).replace("\\\n", " ")
+        # The Node one-liner, as printed, subscribes with the JS client package.
+        subscriber = subprocess.Popen(f"exec {node}", shell=True, stdout=subprocess.PIPE, text=True)
         with connect(ws_url.group(1)) as ws:
             assert orjson.loads(ws.recv(5))["type"] == "welcome"
+            time.sleep(1)  # the Node client's welcome too
             command = command.replace(command.split()[1], f"{sys.executable} -m notify", 1)
             subprocess.run(command, shell=True, check=True, timeout=60, capture_output=True)
             frame = orjson.loads(ws.recv(30))
@@ -79,6 +83,10 @@ def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly(clust
         assert frame["data"]["purchaseTier"] == 30
         assert outboxed["event"] == "PAYMENT_CONFIRMED"
         assert outboxed["data"]["amount"] == 360000
+        subscriber.terminate()
+        printed, _ = subscriber.communicate(timeout=10)
+        assert "COURSE_PURCHASED" in printed, printed
+        assert "PAYMENT_CONFIRMED" in printed, printed
         family = descendants(dev.pid)
         # valkey-server (three with a cluster), tansu, postgres, bridge, relay, gateway
         assert len(family) >= (8 if cluster == "1" else 6)
