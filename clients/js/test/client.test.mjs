@@ -217,3 +217,37 @@ test("onEvent is optional when stores are given, and one of the two is required"
     /stores.home must be a function/,
   );
 });
+
+test("a device clock hours off neither renews every token nor keeps an expired one", async () => {
+  // Sockets that open, then close as a restarting gateway does (1012): quick reconnects.
+  let sockets = 0;
+  const createSocket = () => {
+    sockets += 1;
+    const socket = { send() {}, close() {} };
+    setTimeout(() => socket.onopen?.(), 1);
+    setTimeout(() => socket.onclose?.({ code: 1012, reason: "" }), 5);
+    return socket;
+  };
+  const now = Date.now;
+  Date.now = () => now() + 2 * 3600_000; // the phone's clock runs two hours ahead
+  let tokens = 0;
+  const client = new NotifyClient({
+    url: "ws://gateway.test/ws",
+    getToken: async () => {
+      tokens += 1;
+      return mint("clock", 3600); // iat and exp on the server's clock
+    },
+    onEvent: () => {},
+    createSocket,
+    minDelayMs: 1,
+    maxDelayMs: 2,
+  });
+  try {
+    client.start();
+    await until("five connections", () => sockets >= 5);
+    assert.equal(tokens, 1, "the token's own lifetime says it is fresh");
+  } finally {
+    client.stop();
+    Date.now = now;
+  }
+});
