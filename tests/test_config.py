@@ -105,3 +105,16 @@ def test_a_trigger_update_deletes_what_the_built_in_rules_delete_for_a_student()
         if template.fields <= {"studentId", "courseId"}
     }
     assert defaults == from_rules
+
+
+def test_the_namespace_comes_from_the_database_unless_set() -> None:
+    def namespace(url: str, **extra: str) -> str:
+        return config.load_redis({"REDIS_URL": url, **extra}).namespace
+
+    assert namespace("redis://h:6379/0") == ""  # the names every deployment had before
+    assert namespace("redis://h:6379") == ""
+    assert namespace("redis://h:6379/13") == "db13"
+    assert namespace("unix:///run/redis.sock?db=2") == "db2"
+    assert namespace("redis://h:6379/13", NOTIFY_NAMESPACE="staging") == "staging"
+    with pytest.raises(config.ConfigError, match="^NOTIFY_NAMESPACE"):
+        namespace("redis://h:6379/0", NOTIFY_NAMESPACE="has space")

@@ -19,8 +19,9 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from notify import embedded, processes, redis_client
+from notify import config, embedded, processes, redis_client
 from notify.config import load_history
+from notify.keys import Keys
 from notify.publish import Notification, Publisher
 
 from .support import (
@@ -571,3 +572,29 @@ async def test_nothing_follows_the_close_frame_of_a_client_that_stopped_reading(
     opcodes = [opcode for opcode, _ in server_frames(stream)]
     assert opcodes[-1] == 0x8, opcodes[-5:]  # the close frame is the last one
     assert server_frames(stream)[-1][1][:2] == (1012).to_bytes(2, "big")
+
+
+async def test_deployments_sharing_one_redis_through_databases_never_see_each_others_events(
+    private_redis: embedded.Server, student: str
+) -> None:
+    """Review item 2: Pub/Sub ignores the database index. Staging on db 13 and production
+    on db 14 of one Redis got each other's events for the same student id."""
+    base = private_redis.address.rsplit("/", 1)[0]
+    staging_url, production_url = f"{base}/13", f"{base}/14"
+    production = redis_client.client(production_url)
+    try:
+        async with (
+            start_gateway(staging_url) as staging,
+            start_gateway(production_url) as live,
+        ):
+            staged, _ = await open_client(staging.ws_url(student))
+            real, _ = await open_client(live.ws_url(student))
+            namespace = config.load_redis({"REDIS_URL": production_url}).namespace
+            pub = publisher(production, keys=Keys(namespace))
+            await publish_numbered(pub, student, range(2))
+            assert numbers(await events(real, 2)) == [0, 1]
+            await nothing_arrives(staged, within=1.0)
+            for ws in (staged, real):
+                await ws.close()
+    finally:
+        await production.aclose()
