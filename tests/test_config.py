@@ -116,5 +116,5 @@ def test_the_namespace_comes_from_the_database_unless_set() -> None:
     assert namespace("redis://h:6379/13") == "db13"
     assert namespace("unix:///run/redis.sock?db=2") == "db2"
     assert namespace("redis://h:6379/13", NOTIFY_NAMESPACE="staging") == "staging"
-    with pytest.raises(config.ConfigError, match="^NOTIFY_NAMESPACE"):
+    with pytest.raises(config.ConfigError, match=r"^NOTIFY_NAMESPACE"):
         namespace("redis://h:6379/0", NOTIFY_NAMESPACE="has space")
