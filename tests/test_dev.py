@@ -69,7 +69,7 @@ def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly(clust
         assert send, banner
         command = send.group(1).replace("\\\n", " ")
         # The Node one-liner, as printed, subscribes with the JS client package.
-        subscriber = subprocess.Popen(f"exec {node}", shell=True, stdout=subprocess.PIPE, text=True)
+        subscriber = subprocess.Popen(f"exec {node}", shell=True, stdout=subprocess.PIPE)
         with connect(ws_url.group(1)) as ws:
             assert orjson.loads(ws.recv(5))["type"] == "welcome"
             time.sleep(1)  # the Node client's welcome too
@@ -83,8 +83,16 @@ def test_dev_prints_its_urls_and_the_demo_command_works_then_stops_cleanly(clust
         assert frame["data"]["purchaseTier"] == 30
         assert outboxed["event"] == "PAYMENT_CONFIRMED"
         assert outboxed["data"]["amount"] == 360000
+        # The Node client prints each event as it lands, which may be after ours: read its
+        # lines until both arrived (terminating it first could drop a line still in its pipe).
+        assert subscriber.stdout is not None
+        printed, deadline = "", time.monotonic() + 10
+        while "PAYMENT_CONFIRMED" not in printed and time.monotonic() < deadline:
+            ready, _, _ = select.select([subscriber.stdout], [], [], 1)
+            if ready:
+                printed += os.read(subscriber.stdout.fileno(), 65536).decode()
         subscriber.terminate()
-        printed, _ = subscriber.communicate(timeout=10)
+        subscriber.wait(10)
         assert "COURSE_PURCHASED" in printed, printed
         assert "PAYMENT_CONFIRMED" in printed, printed
         family = descendants(dev.pid)
