@@ -48,8 +48,9 @@ from .rules import Rule
 
 log = logging.getLogger(__name__)
 
-# Each batch costs a fetch, a SCRIPT EXISTS and a commit round trip whatever its size: 2000
-# rather than 500 took a backlog drain from 15.1k to 16.2k events/s (bench/run.py).
+# Each batch costs a fetch, a function call per 1,000 notifications and a commit round
+# trip whatever its size: 2000 rather than 500 took a backlog drain from 15.1k to 16.2k
+# events/s (bench/run.py, when each notification was a script call of its own).
 BATCH_MAX_RECORDS = 2000
 # aiokafka's default fetch wait is 500 ms: an idle stream would add that to every event.
 FETCH_MAX_WAIT_MS = 10

@@ -101,11 +101,11 @@ async def publish(publisher: Publisher, items: Sequence[Item], metrics: EventMet
     """All Redis work of the batch: its cache keys first, then its publishes, in order.
 
     A connection error raises and the whole batch is retried (the dedupe keys make that
-    safe), and so does any error that says nothing about the event itself: NOSCRIPT
-    after a restart, OOM, READONLY after a failover, BUSY. An error about one event is
-    final at once if it must recur (data that cannot be encoded, WRONGTYPE on its keys);
-    any other gets EVENT_ATTEMPTS tries (Rejected until then). A final error sets the
-    event aside with Redis's answer as the reason.
+    safe), and so does any error that says nothing about the event itself: OOM, READONLY
+    after a failover, BUSY. An error about one event is final at once if it must recur
+    (data that cannot be encoded, WRONGTYPE on its keys); any other gets EVENT_ATTEMPTS
+    tries (Rejected until then). A final error sets the event aside with Redis's answer as
+    the reason.
     """
     work = [item for item in items if item.outcome is not None]
     stale: list[str] = []

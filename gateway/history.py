@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
 
-from notify import incarnation
+from notify import incarnation, library
 from notify.config import HistorySettings
 from notify.incarnation import Durability
 from notify.keys import Keys
-from notify.protocol import EventId
+from notify.protocol import EventId, event_frame
 from notify.redis_client import Client, text
 
 
@@ -30,25 +29,6 @@ class Replay:
     resync_reason: str | None = None
 
 
-# KEYS: meta, history. ARGV: candidate epoch, durable flag, position ttl, then the client's
-# position (epoch, seq) if it has one. One atomic step: settle the incarnation (a read may
-# start the new one, so that the resync it answers hands out a position in it), then only
-# for a position the history can continue, the entries after it.
-_READ = (
-    incarnation.LUA
-    + """
-local epoch, seq, outcome = incarnation(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-local after = tonumber(ARGV[5])
-if not after or outcome ~= 0 or ARGV[4] ~= epoch or after >= seq then
-  return {epoch, seq, outcome, {}}
-end
-local entries = redis.call('XRANGE', KEYS[2], '(0-' .. after, '+', 'COUNT', seq - after)
-return {epoch, seq, outcome, entries}
-"""
-)
-
-
 async def after(
     redis: Client, keys: Keys, durable: str, user: str, position: EventId | None, ttl: int
 ) -> Replay:
@@ -60,8 +40,8 @@ async def after(
     args: list[str | int] = [incarnation.new_epoch(), durable, ttl]
     if position is not None:
         args += [position.epoch, position.seq]
-    epoch, seq, outcome, entries = await redis.eval(
-        _READ, 2, keys.meta(user), keys.history(user), *args
+    epoch, seq, outcome, first, bodies = await library.call(
+        redis, library.READ, [keys.incarnation(user), keys.history(user)], args
     )
     last = EventId(text(epoch), int(seq))
     if position is None:
@@ -72,11 +52,7 @@ async def after(
         return Replay([], last, "history epoch changed")
     if position.seq > last.seq:
         return Replay([], last, "unknown id")
-    # Each entry: [id, ["f", frame]], as the script returns it.
-    frames = [
-        (EventId(last.epoch, int(entry_id.split(b"-")[1])), fields[1])
-        for entry_id, fields in entries
-    ]
+    frames = _frames(last.epoch, first, bodies)
     if position.seq < last.seq:
         # The first missed event must directly follow the client's position, or some were
         # trimmed away; entries past ``last`` cannot appear inside one transaction.
@@ -87,10 +63,23 @@ async def after(
     return Replay(frames, last)
 
 
+def _frames(epoch: str, first: int, bodies: list[bytes]) -> list[tuple[EventId, bytes]]:
+    """History entries as event frames, numbered from ``first``. The history keeps only
+    bodies: an event's number is known once it is appended, and its epoch lives in the
+    incarnation key."""
+    ids = [EventId(epoch, n) for n in range(first, first + len(bodies))]
+    return [(i, event_frame(i, body)) for i, body in zip(ids, bodies, strict=True)]
+
+
 async def recent(redis: Client, keys: Keys, user: str, limit: int) -> list[bytes]:
     """The student's last ``limit`` event frames, oldest first (for diagnosis)."""
-    entries: list[Any] = await redis.xrevrange(keys.history(user), count=limit) or []
-    return [fields[b"f"] for _entry_id, fields in reversed(entries)]
+    reply = await library.call(
+        redis, library.RECENT, [keys.incarnation(user), keys.history(user)], [limit]
+    )
+    if not reply:
+        return []
+    epoch, first, bodies = reply
+    return [frame for _id, frame in _frames(text(epoch), first, bodies)]
 
 
 class HistoryReader:

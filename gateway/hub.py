@@ -103,7 +103,7 @@ class Hub:
         try:
             frame.decode()
         except UnicodeDecodeError:
-            # The publish script writes UTF-8; a text frame of anything else published on
+            # The publish function writes UTF-8; a text frame of anything else published on
             # the channel by hand would make clients fail the connection (1007).
             frame = frame.decode(errors="replace").encode()
         wire = text_frame(frame)

@@ -18,9 +18,10 @@ client that saw the lost ones would skip the new ones silently. It ends when:
   same case.
 
 Whether the primaries are durable in that sense is read from their configuration
-(``CONFIG GET``, which scripts may not call) by :class:`Durability` and passed to the
-scripts. A Redis that refuses ``CONFIG`` (some managed services) counts as not durable:
-every restart then costs each connected device one ``resync``, never a silent gap.
+(``CONFIG GET``, which functions may not call) by :class:`Durability` and passed to the
+functions (``settle`` in library.lua applies the rule). A Redis that refuses ``CONFIG``
+(some managed services) counts as not durable: every restart then costs each connected
+device one ``resync``, never a silent gap.
 
 Known limit: a replica promoted by a failover, then restarted before the student's next
 publish or read, no longer remembers its predecessor; on a durable node the incarnation
@@ -43,35 +44,8 @@ from .redis_client import Client, text
 
 log = logging.getLogger(__name__)
 
-# A Lua function both scripts start with. incarnation(meta, history, candidate epoch,
-# durable "1"/"0", meta ttl) returns the current epoch and sequence number, and 0 if they
-# continue, 1 if there was no meta, 2 if an incarnation was ended. A new incarnation starts
-# at seq 0, so even a student without events has a position that names its incarnation.
-# Other fields of the meta (the Kafka positions) outlive incarnations: they describe
-# Kafka, not the history.
-LUA = """
-local function incarnation(meta, history, candidate, durable, ttl)
-  local info = redis.call('INFO', 'replication')
-  local replid = string.match(info, 'master_replid:(%x+)')
-  local current = redis.call('HMGET', meta, 'epoch', 'seq', 'replid')
-  local outcome = 1
-  if current[1] then
-    if current[3] == replid then
-      return current[1], tonumber(current[2]), 0
-    end
-    if durable == '1' and current[3] ~= string.match(info, 'master_replid2:(%x+)') then
-      redis.call('HSET', meta, 'replid', replid)
-      return current[1], tonumber(current[2]), 0
-    end
-    outcome = 2
-  end
-  redis.call('DEL', history)
-  redis.call('HSET', meta, 'epoch', candidate, 'seq', 0, 'replid', replid)
-  redis.call('EXPIRE', meta, ttl)
-  return candidate, 0, outcome
-end
-"""
-
+# What the read function says of the incarnation (``settle`` in library.lua): it goes on,
+# there was none, or it ended.
 CONTINUED, CREATED, ENDED = 0, 1, 2
 
 # How long a probe of the primaries' configuration is trusted.
@@ -119,7 +93,10 @@ class Durability:
 
 
 def new_epoch() -> str:
-    """A candidate name for a new incarnation; used only if the scripts start one."""
+    """A candidate name for a new incarnation; used only if the functions start one.
+
+    Always 8 characters: the incarnation key's layout (library.lua) has room for that.
+    """
     return secrets.token_hex(4)
 
 

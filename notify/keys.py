@@ -1,7 +1,7 @@
 """Redis key and channel names, for one deployment.
 
 Every name of one student carries the hash tag ``{u:<id>}``, so the student's metadata,
-history, dedupe markers and channel live in one Redis Cluster slot: the publish script
+history, dedupe markers and channel live in one Redis Cluster slot: the publish function
 touches them atomically, and the same code runs on a single node or a cluster.
 
 Every name also carries the deployment's namespace. Keys alone would be separated by the
@@ -41,24 +41,25 @@ class Keys:
         """Heartbeat of one gateway process; presence counts of a process without it are void."""
         return f"{self._process_wide}process:{process_id}"
 
-    def rate(self, bucket: str, second: int) -> str:
-        """Requests counted in one second for one API key."""
-        return f"{self._process_wide}rate:{bucket}:{second}"
-
     def probe(self, process_id: str, tag: int) -> str:
         """A gateway process's Pub/Sub probe channel; ``tag`` picks its slot (its shard)."""
         return f"{self._process_wide}probe:{process_id}:{{{tag}}}"
 
     # One student's names, all in the student's slot.
 
-    def meta(self, user: str) -> str:
-        """Hash: the history's incarnation (``epoch``, ``seq``, ``replid``) and the Kafka
-        positions already published for the student."""
-        return f"{self._tag}{user}}}:meta"
+    def incarnation(self, user: str) -> str:
+        """String: which incarnation of the history is current (library.lua says what it
+        holds). (Versions before the function library kept it in a ``:meta`` hash.)"""
+        return f"{self._tag}{user}}}:incarnation"
+
+    def kafka(self, user: str) -> str:
+        """Hash: per Kafka partition, the newest position already published for the student."""
+        return f"{self._tag}{user}}}:kafka"
 
     def history(self, user: str) -> str:
-        """Stream of the student's recent event frames, entry id ``0-<seq>``."""
-        return f"{self._tag}{user}}}:hist"
+        """Stream of the student's recent events, entry id ``0-<seq>``, field ``b``: the frame
+        after its id. (Versions that kept whole frames used ``:hist``.)"""
+        return f"{self._tag}{user}}}:events"
 
     def dedupe(self, user: str, key: str) -> str:
         """Marker holding the id already published for an event id or idempotency key."""

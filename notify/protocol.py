@@ -23,7 +23,7 @@ from websockets.frames import Frame, Opcode
 
 # Sequence 0 is the position before an incarnation's first event.
 _EVENT_ID = re.compile(r"^([a-z0-9]{1,32})-(0|[1-9][0-9]{0,18})$")
-# Every event frame starts with this prefix (the publish script writes it), which lets the
+# Every event frame starts with this prefix (the publish function writes it), which lets the
 # gateway read an event's id without parsing the JSON of every message it fans out.
 EVENT_PREFIX = b'{"type":"event","id":"'
 MAX_CLIENT_FRAME_BYTES = 4096
@@ -86,7 +86,7 @@ def parse_event_id(raw: str) -> EventId | None:
 
 
 def event_id_of(frame: bytes) -> EventId | None:
-    """The id of an event frame written by the publish script, or None for anything else."""
+    """The id of an event frame written by the publish function, or None for anything else."""
     if not frame.startswith(EVENT_PREFIX):
         return None
     end = frame.find(b'"', len(EVENT_PREFIX))
@@ -104,11 +104,16 @@ def text_frame(payload: bytes) -> bytes:
 
 
 def event_body(event: str, data: dict[str, Any], invalidate: list[str], ts: int) -> bytes:
-    """The part of an event frame after its id; the publish script prepends the rest.
+    """The part of an event frame after its id: what the history keeps.
 
     Encoded once per notification by the producer, so no gateway process ever re-encodes it.
     """
     return orjson.dumps({"event": event, "data": data, "invalidate": invalidate, "ts": ts})[1:]
+
+
+def event_frame(event_id: EventId, body: bytes) -> bytes:
+    """An event frame from its id and body; the publish function builds the same bytes."""
+    return b'{"type":"event","id":"%s",%s' % (str(event_id).encode(), body)
 
 
 def welcome(user: str, last_id: EventId, recovered: bool) -> str:

@@ -1,12 +1,19 @@
 """The publish contract every producer uses: bridge, HTTP API and CLI alike.
 
-One Lua script does, atomically for one student: skip a notification whose dedupe key was
-already published (returning the original id) or whose Kafka offset was, settle which
-history incarnation (epoch) is current (:mod:`.incarnation`), take the next sequence
-number, append the finished event frame to the bounded history stream, refresh the
-expiries, and SPUBLISH the same frame on the student's channel.
-Because history and live delivery come from a single step, a gateway that reads history
-after subscribing can never see a hole between them.
+One Redis function (``notify_publish`` in library.lua) does, atomically for a batch of
+notifications: skip a notification whose dedupe key was already published (returning the
+original id) or whose Kafka offset was, settle which history incarnation (epoch) is
+current for each student (:mod:`.incarnation`), append the event's body to the student's
+bounded history (a list, whose length numbers the event), SPUBLISH the finished frame on
+the student's channel, and write back only what must outlive the call. Because history
+and live delivery come from a single step, a gateway that reads history after subscribing
+can never see a hole between them.
+
+What a call costs Redis is paid once per call (the node's identity, the time, one MGET of
+every student's incarnation), once per student in it (Kafka positions; once an hour, the
+expiries; the trim of a full history), or once per notification (RPUSH and SPUBLISH, and
+for a caller's dedupe key a GET and a SET): docs/performance.md has what that is against a
+plain PUBLISH.
 
 The channel is a shard channel (SPUBLISH, Redis >= 7) on a single node and in a cluster
 alike: in a cluster it then goes only to the nodes of its slot's shard, where the
@@ -15,66 +22,27 @@ student's history already lives, instead of being broadcast over the whole clust
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterPipeline
+from redis.asyncio import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import ResponseError
 
-from . import incarnation
+from . import incarnation, library
 from .config import HistorySettings
 from .incarnation import Durability
 from .keys import Keys
 from .protocol import EventId, event_body, parse_event_id
 from .redis_client import Client, text
 
-# KEYS: meta, history, dedupe. ARGV: channel, candidate epoch, frame body, history size,
-# history ttl, position ttl, dedupe ttl, durable flag, then for an event read from Kafka its
-# partition ("<topic>/<partition>"), offset and timestamp (ms). Returns {id, 1} when
-# published, {id, 0} for a duplicate (the first publish's id, or the current one for a
-# replayed Kafka offset).
-_PUBLISH = (
-    incarnation.LUA
-    + """
-local prior = redis.call('GET', KEYS[3])
-if prior then return {prior, 0} end
-local epoch, seq = incarnation(KEYS[1], KEYS[2], ARGV[2], ARGV[8], ARGV[6])
-local partition = ARGV[9]
-local newest = ARGV[11]
-if partition then
-  -- The highest offset of this partition already published for the student, and the
-  -- newest timestamp up to it. Anything at or below both is a replay (a new consumer
-  -- group, an offset reset), even long after its dedupe key expired. A recreated topic
-  -- starts its offsets again, but with newer timestamps, so it is not taken for a replay.
-  local seen = redis.call('HMGET', KEYS[1], 'ko:' .. partition, 'kt:' .. partition)
-  if seen[1] and tonumber(ARGV[10]) <= tonumber(seen[1])
-     and tonumber(ARGV[11]) <= tonumber(seen[2]) then
-    return {epoch .. '-' .. seq, 0}
-  end
-  if seen[2] and tonumber(seen[2]) > tonumber(newest) then newest = seen[2] end
-end
-seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local id = epoch .. '-' .. seq
-local frame = '{"type":"event","id":"' .. id .. '",' .. ARGV[3]
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '0-' .. seq, 'f', frame)
-if partition then
-  redis.call('HSET', KEYS[1], 'ko:' .. partition, ARGV[10], 'kt:' .. partition, newest)
-end
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('SET', KEYS[3], id, 'EX', ARGV[7])
-redis.call('SPUBLISH', ARGV[1], frame)
-return {id, 1}
-"""
-)
-
-# A notification published without a dedupe key gets one anyway, remembered this long:
+# A call with a notification without a dedupe key leaves a marker, remembered this long:
 # redis-py re-sends a command whose reply was lost with the connection (it may have run),
-# and within this window such a retry returns the first id instead of publishing twice.
+# and within this window such a resent call answers what it answered the first time
+# instead of publishing twice.
 RETRY_WINDOW = 60
 
 
@@ -122,18 +90,15 @@ class Sent:
     results: list[Published | Exception]
 
 
-Pipe = Pipeline | ClusterPipeline
-
-
 class Publisher:
     def __init__(
         self, redis: Client, keys: Keys, history: HistorySettings, durability: Durability
     ) -> None:
         self._redis = redis
         self._keys = keys
-        self._sha = hashlib.sha1(_PUBLISH.encode()).hexdigest()  # noqa: S324 - Redis's script id
         self._history = history
         self._durability = durability
+        self._cluster = isinstance(redis, RedisCluster)
 
     async def publish(self, notification: Notification) -> Published:
         """Publish one notification; raises what stopped it."""
@@ -143,19 +108,18 @@ class Publisher:
         return result
 
     async def invalidate_then_publish(
-        self,
-        cache_keys: Sequence[str],
-        notifications: Sequence[Notification],
-        atomic: bool = False,
+        self, cache_keys: Sequence[str], notifications: Sequence[Notification]
     ) -> Sent:
         """Delete the backend's cache keys, then publish: the order every producer keeps.
 
         An app refetches when the notification arrives, so the push must never overtake
         the DEL of the cache it will read. Two steps, not one pipeline: a cluster runs each
-        node's share of a pipeline concurrently, so the push could overtake a DEL. With
-        ``atomic`` the publishes are one MULTI/EXEC (all of them in one slot, in a
-        cluster). A failure of either step as a whole (Redis unreachable) raises; nothing
-        was published if the first step raised.
+        node's share of a pipeline concurrently, so the push could overtake a DEL.
+
+        The notifications go out in as few function calls as there are slots among their
+        students in a cluster (one on a single Redis), each atomic, at most CALL_SIZE
+        notifications each, a student's in order. A failure of either step as a whole
+        (Redis unreachable) raises; nothing was published if the first step raised.
         """
         deleted: list[int] = []
         if cache_keys:
@@ -163,79 +127,132 @@ class Publisher:
                 for key in cache_keys:  # one DEL per key: in a cluster they may sit in any slot
                     pipe.delete(key)
                 deleted = list(await pipe.execute())
-        unencodable: dict[int, Exception] = {}
-        durable = await self._durability.flag()
-        async with self._redis.pipeline(transaction=atomic) as pipe:
-            for index, notification in enumerate(notifications):
-                try:
-                    self._queue(notification, durable, pipe)
-                except TypeError as exc:  # orjson: nesting too deep, non-string keys
-                    unencodable[index] = exc
-            queued = len(notifications) - len(unencodable)
-            replies = iter(await self._execute(pipe) if queued else [])
-        results = [
-            unencodable[index] if index in unencodable else _outcome(next(replies))
-            for index in range(len(notifications))
-        ]
-        return Sent(deleted, results)
+        results: list[Published | Exception | None] = [None] * len(notifications)
+        calls = self._calls(notifications, await self._durability.flag(), results)
+        for call, reply in zip(calls, await self._run(calls), strict=True):
+            outcomes = _outcomes(reply, len(call.indices))
+            for index, outcome in zip(call.indices, outcomes, strict=True):
+                results[index] = outcome
+        return Sent(deleted, [r for r in results if r is not None])
 
-    def _queue(self, notification: Notification, durable: str, pipe: Pipe) -> None:
-        """Add the publish to ``pipe``; its result is ``parse_result`` of that pipeline slot.
+    def _calls(
+        self,
+        notifications: Sequence[Notification],
+        durable: str,
+        results: list[Published | Exception | None],
+    ) -> list[_Call]:
+        """The function calls that publish ``notifications``; an unencodable one gets its
+        TypeError in ``results`` instead (found before anything is sent)."""
+        keys, history = self._keys, self._history
+        now = time.time_ns() // 1_000_000
+        # The function takes a student's notifications together, in order.
+        students: dict[str, list[tuple[int, bytes]]] = {}
+        for index, notification in enumerate(notifications):
+            try:
+                body = event_body(
+                    notification.event, notification.data, list(notification.invalidate), now
+                )
+            except TypeError as exc:  # orjson: nesting too deep, non-string keys
+                results[index] = exc
+                continue
+            students.setdefault(notification.user_id, []).append((index, body))
+        groups: dict[int, _Call] = {}
+        calls: list[_Call] = []
+        for user, items in students.items():
+            incarnation_key = keys.incarnation(user)
+            group = key_slot(incarnation_key.encode()) if self._cluster else 0
+            previous = None
+            for index, body in items:
+                call = groups.get(group)
+                if call is None or len(call.indices) == CALL_SIZE:
+                    # The call's retry marker sits in its first student's slot, like the rest.
+                    marker = keys.dedupe(user, f"call:{secrets.token_hex(8)}")
+                    call = groups[group] = _Call(
+                        [],
+                        [marker],
+                        [incarnation.new_epoch(), durable, history.size, history.ttl,
+                         history.position_ttl, history.dedupe_ttl, 0],
+                    )  # fmt: skip
+                    calls.append(call)
+                channel = ""
+                if call is not previous:
+                    call.keys += [incarnation_key, keys.history(user)]
+                    channel, previous = keys.channel(user), call
+                self._add(call, index, notifications[index], channel, body)
+        return calls
 
-        Sent as a plain EVALSHA: redis-py refuses script objects in cluster pipelines, and
-        :meth:`_execute` makes sure the script is there, on one node or on every primary.
-        """
-        script_keys, args = self._call(notification, durable)
-        pipe.execute_command("EVALSHA", self._sha, len(script_keys), *script_keys, *args)
-
-    async def _execute(self, pipe: Pipe) -> list[Any]:
-        """Run ``pipe`` once every primary has the script.
-
-        A restarted node, and a replica promoted by a failover, start without it (scripts
-        are not replicated). The check costs one round trip per pipeline; if a node loses the
-        script between the check and the pipeline, the publish fails with NOSCRIPT and the
-        caller retries, as for any other Redis error.
-        """
-        if not all(await self._redis.script_exists(self._sha)):
-            await self._redis.script_load(_PUBLISH)
-        return list(await pipe.execute(raise_on_error=False))
-
-    def _call(
-        self, notification: Notification, durable: str
-    ) -> tuple[list[str], list[str | bytes | int]]:
-        user, keys, history = notification.user_id, self._keys, self._history
+    def _add(self, call: _Call, index: int, notification: Notification, channel: str,
+             body: bytes) -> None:  # fmt: skip
+        """Add one notification to ``call``, after its student's keys (if ``channel``)."""
+        keys, user = self._keys, notification.user_id
+        call.indices.append(index)
         if notification.dedupe_key is None:
-            dedupe, dedupe_ttl = f"retry:{secrets.token_hex(8)}", RETRY_WINDOW
+            deduped = ""
+            call.args[6] = RETRY_WINDOW  # the marker answers a resent call
         else:
-            dedupe, dedupe_ttl = notification.dedupe_key, history.dedupe_ttl
-        body = event_body(
-            notification.event,
-            notification.data,
-            list(notification.invalidate),
-            time.time_ns() // 1_000_000,
-        )
-        args: list[str | bytes | int] = [
-            keys.channel(user),
-            incarnation.new_epoch(),
-            body,
-            history.size,
-            history.ttl,
-            history.position_ttl,
-            dedupe_ttl,
-            durable,
-        ]
+            deduped = "1"
+            call.keys.append(keys.dedupe(user, notification.dedupe_key))
         source = notification.source
-        if source is not None:
-            args += [f"{source.topic}/{source.partition}", source.offset, source.timestamp_ms]
-        return [keys.meta(user), keys.history(user), keys.dedupe(user, dedupe)], args
+        if source is None:
+            where = ""
+        else:
+            where = f"{source.topic}/{source.partition} {source.offset} {source.timestamp_ms}"
+            call.keys.append(keys.kafka(user))
+        call.args += [channel, body, deduped, where]
+
+    async def _run(self, calls: list[_Call]) -> list[Any]:
+        """Each call's reply, or the exception that failed it as a whole."""
+        if len(calls) == 1:
+            [call] = calls
+            try:
+                return [await library.call(self._redis, library.PUBLISH, call.keys, call.args)]
+            except ResponseError as exc:  # about the call (OOM, READONLY): its results
+                return [exc]
+        replies = await self._pipeline(calls)
+        if any(isinstance(reply, Exception) and library.missing(reply) for reply in replies):
+            # A node without this version of the library: those calls did nothing.
+            await library.load(self._redis)
+            replies = await self._pipeline(calls)
+        return replies
+
+    async def _pipeline(self, calls: list[_Call]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.fcall(library.PUBLISH, len(call.keys), *call.keys, *call.args)
+            return list(await pipe.execute(raise_on_error=False))
+
+
+# Notifications per function call at most: a call is one atomic step, and a larger one
+# would hold Redis for longer (about 12 ms at this size). The API's largest batch, so that
+# one request on a single Redis is one call, published whole or not at all.
+CALL_SIZE = 1000
+
+
+@dataclass(slots=True)
+class _Call:
+    """One function call: which notifications it publishes, its keys and arguments."""
+
+    indices: list[int]
+    keys: list[str]
+    args: list[Any]
+
+
+def _outcomes(reply: Any, count: int) -> list[Published | Exception]:
+    """Per notification, what one call's reply says of it."""
+    if isinstance(reply, Exception):
+        return [reply] * count
+    outcomes: list[Published | Exception] = []
+    # Flat: id (or Redis's error) and flag, per notification.
+    for raw_id, flag in zip(reply[::2], reply[1::2], strict=True):
+        if int(flag) == 2:
+            outcomes.append(ResponseError(text(raw_id)))
+        else:
+            outcomes.append(parse_result((raw_id, flag)))
+    return outcomes
 
 
 def parse_result(raw: Sequence[Any]) -> Published:
     event_id = parse_event_id(text(raw[0]))
     if event_id is None:
-        raise ValueError(f"publish script returned a malformed id: {raw[0]!r}")
+        raise ValueError(f"the publish function returned a malformed id: {raw[0]!r}")
     return Published(event_id, duplicate=int(raw[1]) == 0)
-
-
-def _outcome(reply: Any) -> Published | Exception:
-    return reply if isinstance(reply, Exception) else parse_result(reply)

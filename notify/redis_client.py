@@ -13,7 +13,7 @@ sync ones can use hiredis), which was 40 % of the bridge's CPU under a backlog (
 
 With ``REDIS_CLUSTER=1`` the client is redis-py's ``RedisCluster``: it learns the slot map
 from the URL's node and follows MOVED and failovers itself. Every key of one student shares
-the hash tag ``{u:<id>}`` (see :mod:`keys`), so each of the student's commands, scripts and
+the hash tag ``{u:<id>}`` (see :mod:`keys`), so each of the student's commands, function calls and
 transactions stays inside one slot.
 """
 

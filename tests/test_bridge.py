@@ -233,7 +233,8 @@ async def test_events_redis_rejects_or_json_cannot_encode_are_dead_lettered(
 ) -> None:
     """Errors tied to one event set it aside; the partition does not stall behind it."""
     broken = student + "-broken"
-    await redis.set(KEYS.meta(broken), "not a hash")  # WRONGTYPE for the publish script
+    await publisher(redis).publish(Notification(broken, "E"))
+    await redis.set(KEYS.history(broken), "not a list")  # WRONGTYPE for the publish function
     # orjson reads this depth (a copied field) but cannot write it back.
     deep = b'{"eventId":"%s","eventType":"SESSIONS_GENERATED","data":{"studentId":"%s",' % (
         unique("evt").encode(),
@@ -335,11 +336,18 @@ async def test_an_event_redis_keeps_rejecting_is_set_aside_after_three_attempts(
 ) -> None:
     """Review item 9: any per-event Redis error but WRONGTYPE was retried forever."""
     tampered = student + "-tampered"
-    await publisher(redis).publish(Notification(tampered, "E"))
-    # An entry far ahead of the sequence: every XADD of this student now fails.
-    await redis.xadd(KEYS.history(tampered), {"f": "x"}, id="0-999999")
+    # An ACL that lets the bridge append to this student's history only: each publish for
+    # the other fails with an ACL failure, an answer about the event that is not WRONGTYPE.
+    user = f"bridge-{student}"
+    await redis.acl_setuser(
+        user, enabled=True, passwords=["+pw"], categories=["+@all"], commands=["-rpush"],
+        keys=["*"], channels=["*"], selectors=[("+rpush", KEYS.history(student))],
+    )  # fmt: skip
+    limited = redis_url.replace("redis://", f"redis://{user}:pw@")
     ws, _ = await open_client(gateway.ws_url(student))
-    async with run_bridge(redis_url, kafka_bootstrap) as bridge:
+    async with contextlib.AsyncExitStack() as cleanup:
+        cleanup.push_async_callback(redis.acl_deluser, user)
+        bridge = await cleanup.enter_async_context(run_bridge(limited, kafka_bootstrap))
         await produce(
             kafka_bootstrap,
             bridge.topic,
@@ -353,5 +361,4 @@ async def test_an_event_redis_keeps_rejecting_is_set_aside_after_three_attempts(
         [letter] = await read_topic(kafka_bootstrap, bridge.dlq, 1)
     assert frame["data"] == {"sessionCount": 2}
     reason = dict(letter.headers)["notify-dlq-reason"].decode()
-    assert reason.startswith("redis rejected the event's work:")
-    assert "equal or smaller" in reason
+    assert reason.startswith("redis rejected the event's work: ERR ACL failure")

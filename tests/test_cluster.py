@@ -371,7 +371,7 @@ async def test_a_slot_migration_moves_the_subscription_and_loses_nothing(
             await asyncio.to_thread(migrate_slot, cluster, slot, source, (source + 1) % 3)
             # The old node unsubscribed the channel; the gateway finds its new home. The
             # history moved with the slot, but under a node with another replication id,
-            # which the publish script cannot tell from a promoted replica: a new epoch,
+            # which the publish function cannot tell from a promoted replica: a new epoch,
             # so the moving student may get one resync (docs/operations.md).
             await publish(moving, range(10, 20))
             await publish(staying, range(10, 20))
