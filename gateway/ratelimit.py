@@ -1,8 +1,9 @@
-"""Per-address limits held in the process's memory, so that enforcing them costs no Redis call.
+"""Rate limits held in the process's memory, so that enforcing them costs no Redis call.
 
 They guard what an unauthenticated client can do (open connections, present wrong API
-keys); one process's view is enough for that, and a limit that needs a round trip to the
-Redis carrying the notifications would let the abuse reach that Redis.
+keys), where a limit that needs a round trip to the Redis carrying the notifications would
+let the abuse reach that Redis, and what each API key may ask, where that round trip cost
+more than the publish it guarded (docs/performance.md). Each process keeps its own view.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-# Addresses tracked before the ones that have been quiet long enough to be full again are
+# Names tracked before the ones that have been quiet long enough to be full again are
 # forgotten: the memory stays bounded whatever the number of clients.
 MAX_TRACKED = 10_000
 
 
-class AddressLimiter:
-    """A token bucket per client address: ``rate`` per second, bursts up to ``burst``."""
+class RateLimiter:
+    """A token bucket per name (a client address, an API key's name): ``rate`` per second,
+    bursts up to ``burst``."""
 
     def __init__(
         self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
@@ -24,11 +26,11 @@ class AddressLimiter:
         self._rate = rate
         self._burst = burst
         self._clock = clock
-        # address -> (tokens, when they were counted)
+        # name -> (tokens, when they were counted)
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def allow(self, address: str) -> bool:
-        """Take one token of ``address``'s bucket; False if it is empty."""
+        """Take one token of ``address``'s bucket (any name); False if it is empty."""
         now = self._clock()
         tokens, then = self._buckets.get(address, (self._burst, now))
         tokens = min(self._burst, tokens + (now - then) * self._rate)

@@ -137,3 +137,30 @@ async def test_pending_connections_are_capped_per_process(redis_url: str, studen
 async def _metrics(gateway: GatewayServer) -> str:
     async with httpx.AsyncClient(base_url=gateway.url) as http:
         return (await http.get("/metrics")).text
+
+
+async def test_a_request_head_over_16_kib_is_answered_400(gateway: GatewayServer) -> None:
+    """httptools sets no limit on a request head: the intake does, as h11 did."""
+    host, port = address(gateway)
+
+    async def status(header_bytes: int) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: %s\r\nConnection: close\r\n\r\n"
+            % (b"a" * header_bytes)
+        )
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return answer.split(b" ")[1]
+
+    assert await status(12 * 1024) == b"200"
+    assert await status(17 * 1024) == b"400"
+    # A head may arrive in pieces: their sizes add up.
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    for _ in range(20):
+        writer.write(b"X-Pad: %s\r\n" % (b"a" * 1024))
+        await writer.drain()
+    writer.write(b"\r\n")
+    assert (await asyncio.wait_for(reader.read(), 5)).split(b" ")[1] == b"400"
+    writer.close()
