@@ -161,15 +161,17 @@ async def publish_open_loop(
     redis_ports: Sequence[int],
     rate: float,
     seconds: float,
-    command: Callable[[int], tuple[int, bytes]],
+    commands: Callable[[int, int], list[tuple[int, bytes]]],
 ) -> int:
-    """Send ``command(n)`` at ``rate`` per second for ``seconds``; returns how many were sent.
+    """Publish messages at ``rate`` per second for ``seconds``; returns how many were sent.
 
-    ``command`` names the index of the port (a cluster's primary) each command goes to.
+    Every millisecond ``commands(first, end)`` gives the commands of the messages due, each
+    with the index of the port (a cluster's primary) it goes to: one per message, or one
+    per batch of them.
     """
     loop = asyncio.get_running_loop()
     links = [await loop.create_connection(_Replies, "127.0.0.1", port) for port in redis_ports]
-    sent = 0
+    sent = issued = 0
     start = time.perf_counter()
     total = int(rate * seconds)
     try:
@@ -177,15 +179,15 @@ async def publish_open_loop(
             due = min(total, int((time.perf_counter() - start) * rate) + 1)
             if due > sent:
                 batches: list[list[bytes]] = [[] for _ in links]
-                for n in range(sent, due):
-                    index, packed = command(n)
+                for index, packed in commands(sent, due):
                     batches[index].append(packed)
+                    issued += 1
                 for (transport, _), batch in zip(links, batches, strict=True):
                     if batch:
                         transport.write(b"".join(batch))
                 sent = due
             await asyncio.sleep(0.001)
-        while sum(replies.count for _, replies in links) < sent:
+        while sum(replies.count for _, replies in links) < issued:
             await asyncio.sleep(0.001)
     finally:
         for transport, _ in links:
