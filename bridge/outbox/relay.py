@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 BATCH_ROWS = 1000
 BATCH_LANES = 16
 WORKERS = 2
-# Without a LISTEN wake-up (a pooler in transaction mode, a lost connection), the table is
-# polled this often.
+# Without a LISTEN wake-up (a lost connection, a pooler that drops notifications), the
+# table is polled this often.
 POLL = 0.5
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
 BROKER_TIMEOUT = 15.0
