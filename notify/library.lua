@@ -203,7 +203,7 @@ local function publish(keys, args)
     k = k + (args[a + 2] == '' and 0 or 1) + (args[a + 3] == '' and 0 or 1)
   end
   local states = call('MGET', unpack(names))
-  local results, student, students, channel = {}, {}, 0, nil
+  local results, student, students, channel, seen = {}, {}, 0, nil, {}
   for i = 1, count do
     local a, k = 4 * i + 4, starts[i]
     if k then
@@ -212,7 +212,13 @@ local function publish(keys, args)
       end
       students = students + 1
       local key, history = keys[k], keys[k + 1]
-      local epoch, floor, hour, base, outcome = settle(key, history, states[students],
+      local state = states[students]
+      if seen[key] then
+        -- Listed before in this call: what the MGET read is stale by now.
+        state = call('GET', key)
+      end
+      seen[key] = true
+      local epoch, floor, hour, base, outcome = settle(key, history, state,
                                                        this.node, this.candidate,
                                                        this.durable, this.position_ttl,
                                                        struct_unpack)

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from notify import config, embedded, processes, redis_client
+from notify import config, embedded, library, processes, redis_client
 from notify.config import load_history
 from notify.keys import Keys
 from notify.publish import Notification, Publisher
@@ -112,8 +112,7 @@ async def test_trimmed_history_means_resync(
 ) -> None:
     pub = publisher(redis, size=5)
     [old] = await publish_numbered(pub, student, range(1))
-    # Trimming is approximate (whole stream nodes of 100 entries): it keeps at least the
-    # last 5, and drops the oldest ones once a node is full past them.
+    # The history is trimmed to its size once twice over it: it keeps at least the last 5.
     newer = await publish_numbered(pub, student, range(1, 251))
     ws, welcome = await open_client(gateway.ws_url(student, since=old))
     assert welcome["recovered"] is False
@@ -122,6 +121,30 @@ async def test_trimmed_history_means_resync(
     await publish_numbered(pub, student, range(251, 252))
     assert numbers(await events(ws, 1)) == [251]
     await ws.close()
+
+
+async def test_a_student_listed_twice_in_one_call_gets_one_incarnation_and_no_holes(
+    redis: Redis, student: str
+) -> None:
+    """The publish function reads each student's incarnation once per call. A caller that
+    lists a student in two places of one call (the Publisher groups a student's
+    notifications, a hand-written caller may not) must still get consecutive ids in one
+    epoch, also across the trims and the first event that each rewrite the incarnation."""
+    await library.load(redis)
+    ids: list[str] = []
+    for first in range(0, 30, 3):
+        keys: list[str] = [KEYS.dedupe(student, f"call:{first}")]
+        args: list[Any] = ["e0000001", "0", 5, 3600, 3600, 3600, 0]  # history size 5
+        for n in range(first, first + 3):
+            keys += [KEYS.incarnation(student), KEYS.history(student)]
+            body = b'"event":"E","data":{"n":%d},"invalidate":[],"ts":0}' % n
+            args += [KEYS.channel(student), body, "", ""]
+        reply = await library.call(redis, library.PUBLISH, keys, args)
+        replies = [r.decode() if isinstance(r, bytes) else r for r in reply]
+        assert replies[1::2] == ["1"] * 3, replies
+        ids += replies[0::2]
+    assert len({i.split("-")[0] for i in ids}) == 1, ids
+    assert [int(i.split("-")[1]) for i in ids] == list(range(1, 31)), ids
 
 
 async def test_expired_history_means_resync(
