@@ -44,6 +44,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,9 +354,12 @@ class Publisher:
         # As Publisher sends notifications without dedupe keys: a retry marker per call.
         marker = KEYS.dedupe(users[0], f"call:{random.getrandbits(64):x}").encode()
         keys, args = [marker], [b"be0c4000", b"0", b"100", b"86400", b"2592000", b"86400", b"60"]
-        for user in users:
+        # As the Publisher does: a student's notifications together, its keys given once.
+        for user, count in Counter(users).items():
             keys += [KEYS.incarnation(user).encode(), KEYS.history(user).encode()]
             args += [KEYS.channel(user).encode(), self._body(), b"", b""]
+            for _ in range(count - 1):
+                args += [b"", self._body(), b"", b""]
         return resp(b"FCALL", library.PUBLISH.encode(), b"%d" % len(keys), *keys, *args)
 
 
@@ -783,10 +787,12 @@ async def api(redis: embedded.Server, args: argparse.Namespace, out: Report) -> 
             ]
             return orjson.dumps({"notifications": notifications})
 
-        for size, rates in (
-            (1, [1_000, 2_000, 2_500, 3_000, 3_500, 4_000, 5_000]),
-            (2, [500, 1_000, 2_000, 3_000]),
-            (100, [100, 200, 300, 500, 700, 1_000]),
+        # Single publishes are judged on their p99 (the 20 ms); batches on what one
+        # process accepts: every request answered, within the fan-out's bound (p99 < 100 ms).
+        for size, rates, bound in (
+            (1, [1_000, 2_000, 2_500, 3_000, 3_500, 4_000, 5_000, 6_000, 8_000], 20),
+            (2, [500, 1_000, 2_000, 3_000, 4_000], 20),
+            (100, [100, 200, 300, 500, 700, 1_000], 100),
         ):
             best = None
             for rate in rates:
@@ -812,12 +818,12 @@ async def api(redis: embedded.Server, args: argparse.Namespace, out: Report) -> 
                 )
                 out.api.append(row)
                 print(row, flush=True)
-                ok = failures == 0 and len(lat) == count and percentile(lat, 0.99) < 20
+                ok = failures == 0 and len(lat) == count and percentile(lat, 0.99) < bound
                 if not ok:
                     break
                 best = (rate, 1e3 * gateway_cpu / len(lat))
             measured = (
-                "none with p99 < 20 ms"
+                f"none with p99 < {bound} ms"
                 if best is None
                 else f"{best[0]:,} req/s ({best[0] * size:,} notifications/s), "
                 f"{best[1]:.2f} ms gateway CPU per request"
@@ -827,7 +833,7 @@ async def api(redis: embedded.Server, args: argparse.Namespace, out: Report) -> 
                 2: "≤ 0.6 ms CPU per request",
                 100: "≥ 50,000 notifications/s",
             }[size]
-            out.headline(f"API publish, {size} per request, p99 < 20 ms", measured, target)
+            out.headline(f"API publish, {size} per request, p99 < {bound} ms", measured, target)
         for client in clients:
             client.close()
 

@@ -421,8 +421,8 @@ class OutboxRun(Run):
         assert running.postgres is not None
         self._table = config.load_outbox_table(running.env).table
 
-    async def stream(self, seconds: float, rate: int, rollback: float = 0.1) -> None:
-        count = int(seconds * SCALE * rate)
+    async def stream(self, seconds: float, rate: float, rollback: float = 0.1) -> None:
+        count = round(seconds * SCALE * rate)
         writers = [
             self._writer(
                 self.devices[w :: self.WRITERS],

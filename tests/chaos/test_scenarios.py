@@ -242,7 +242,7 @@ async def test_j_kafka_down_while_the_payment_service_commits_through_the_outbox
         await run.start()
         try:
             await running.proxy.cut()
-            await run.stream(KAFKA_CUT_SECONDS, rate=int(5000 / KAFKA_CUT_SECONDS))
+            await run.stream(KAFKA_CUT_SECONDS, rate=5000 / KAFKA_CUT_SECONDS)  # 5,000 purchases
             during = await run.settle(60)
             check("(j) outbox, Kafka down: notified during the cut", during)
             await running.proxy.restore()
