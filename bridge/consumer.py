@@ -37,9 +37,7 @@ from prometheus_client import CollectorRegistry
 
 from notify import redis_client
 from notify.config import BridgeSettings
-from notify.incarnation import Durability
-from notify.keys import Keys
-from notify.publish import Publisher, Source
+from notify.publish import Source
 
 from . import handling
 from .handling import Item, Rejected
@@ -86,13 +84,7 @@ class Bridge:
     def __init__(self, settings: BridgeSettings, rule_set: dict[str, Rule]) -> None:
         self._settings = settings
         self._rules = rule_set
-        self._redis = redis_client.client(settings.redis.url, settings.redis.cluster)
-        self._publisher = Publisher(
-            self._redis,
-            Keys(settings.redis.namespace),
-            settings.history,
-            Durability(self._redis),
-        )
+        self._redis, self._publisher = handling.connect(settings.redis, settings.history)
         self._consumer, self._producer = self._new_clients()
         self.metrics = BridgeMetrics()
         self.idle = asyncio.Event()

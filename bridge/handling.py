@@ -27,6 +27,10 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from notify import redis_client
+from notify.config import HistorySettings, RedisSettings
+from notify.incarnation import Durability
+from notify.keys import Keys
 from notify.publish import Notification, Publisher, Source
 
 from . import envelope, rules
@@ -76,6 +80,15 @@ class Item:
 
 class Rejected(Exception):
     """Redis rejected some events' work, not yet often enough to set them aside."""
+
+
+def connect(
+    redis: RedisSettings, history: HistorySettings
+) -> tuple[redis_client.Client, Publisher]:
+    """The Redis client and the publish contract, as both event sources (Kafka, the outbox)
+    use them."""
+    client = redis_client.client(redis.url, redis.cluster)
+    return client, Publisher(client, Keys(redis.namespace), history, Durability(client))
 
 
 def map_event(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from redis.asyncio import Redis
 from bridge import rules
 from bridge.outbox.relay import Relay
 from bridge.outbox.store import Outbox
-from notify import config, embedded
+from notify import config, embedded, processes
 
 from .support import (
     KEYS,
@@ -257,7 +256,7 @@ async def test_a_row_that_cannot_be_mapped_is_failed_and_blocks_no_one(
         assert frame["data"]["purchaseId"] == "after"
         await eventually(lambda: backend.holds(1, "failed_at IS NOT NULL"))
     failed = subprocess.run(
-        [sys.executable, "-m", "notify", "outbox", "failed"],
+        processes.notify("outbox", "failed"),
         env={"NOTIFY_OUTBOX_DSN": postgres_dsn, "NOTIFY_OUTBOX_TABLE": backend.table},
         capture_output=True,
         text=True,

@@ -35,9 +35,6 @@ from prometheus_client import CollectorRegistry
 
 from notify import redis_client
 from notify.config import OutboxSettings
-from notify.incarnation import Durability
-from notify.keys import Keys
-from notify.publish import Publisher
 
 from .. import handling
 from ..consumer import NOTIFIED
@@ -78,13 +75,7 @@ class Relay:
         self._settings = settings
         self._rules = rule_set
         self._outbox = Outbox(settings.outbox.table)
-        self._redis = redis_client.client(settings.redis.url, settings.redis.cluster)
-        self._publisher = Publisher(
-            self._redis,
-            Keys(settings.redis.namespace),
-            settings.history,
-            Durability(self._redis),
-        )
+        self._redis, self._publisher = handling.connect(settings.redis, settings.history)
         self._pool: Any = None  # asyncpg.Pool, once PostgreSQL answered
         self._connecting = asyncio.Lock()
         self._producer: AIOKafkaProducer | None = None
