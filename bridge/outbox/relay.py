@@ -41,7 +41,7 @@ from ..consumer import NOTIFIED
 from ..handling import Rejected
 from ..rules import Rule
 from .metrics import OutboxMetrics
-from .store import NOTIFY, Outbox, Row, Stage
+from .store import FORWARD, NOTIFY, Outbox, Row, Stage
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,11 @@ class Relay:
 
     async def _batch(self, stage: Stage) -> int:
         pool = await self._database()
+        if stage is FORWARD:
+            # Rows are read only once Kafka answers. Read while it is down, a row's notified
+            # mark is whatever it was then, and the message sent at the end of the outage
+            # would ask the bridge to notify again an event whose dedupe key may be gone.
+            await self._kafka()
         async with pool.acquire() as conn:
             try:
                 rows = await self._outbox.claim(conn, stage, BATCH_LANES, BATCH_ROWS)

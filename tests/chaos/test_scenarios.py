@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from .harness import TOPIC, Figures, OutboxRun, Run, Stack, stack
 from .report import record
 
-KAFKA_CUT_SECONDS = float(os.environ.get("CHAOS_KAFKA_CUT_SECONDS", "60"))
+KAFKA_CUT_SECONDS = float(os.environ.get("CHAOS_KAFKA_CUT_SECONDS", "30"))
 
 
 @pytest.fixture
