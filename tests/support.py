@@ -160,6 +160,8 @@ class TcpProxy:
         self.drop_reply_to: bytes | None = None
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
+        # One per open connection: set, its client's bytes go nowhere.
+        self._holds: set[asyncio.Event] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -172,14 +174,16 @@ class TcpProxy:
         except OSError:
             writer.close()
             return
-        doomed = asyncio.Event()
+        doomed, held = asyncio.Event(), asyncio.Event()
+        self._holds.add(held)
         for pipe in (
-            self._pipe(reader, up_writer, watch=doomed),
+            self._pipe(reader, up_writer, watch=doomed, held=held),
             self._pipe(up_reader, writer, unless=doomed, partner=up_writer),
         ):
             task = asyncio.create_task(pipe)
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
+        task.add_done_callback(lambda _: self._holds.discard(held))
 
     async def _pipe(
         self,
@@ -188,9 +192,12 @@ class TcpProxy:
         watch: asyncio.Event | None = None,
         unless: asyncio.Event | None = None,
         partner: asyncio.StreamWriter | None = None,
+        held: asyncio.Event | None = None,
     ) -> None:
         try:
             while data := await src.read(65536):
+                if held is not None and held.is_set():
+                    continue
                 if watch is not None and self.drop_reply_to and self.drop_reply_to in data:
                     self.drop_reply_to = None
                     watch.set()
@@ -213,6 +220,12 @@ class TcpProxy:
             self._server = None
         for task in list(self._pipes):
             task.cancel()
+
+    def stall(self) -> None:
+        """Every open connection stops passing its client's requests on, as a server that
+        hangs on them; the client has to give up and reconnect (new connections pass)."""
+        for held in self._holds:
+            held.set()
 
     async def restore(self) -> None:
         await self.start()

@@ -211,6 +211,35 @@ async def test_while_kafka_is_down_students_are_notified_and_kafka_catches_up_la
     await ws.close()
 
 
+async def test_a_kafka_request_given_up_does_not_reorder_a_students_events(
+    backend: Backend, postgres_dsn: str, redis_url: str, student: str
+) -> None:
+    """The broker stops answering while the relay sends one student's rows. The producer
+    gives the request up after its timeout; whatever else of that partition it had queued
+    must not land before the rows of the request given up, or the retry puts the student's
+    earlier events after later ones."""
+    proxy_port = embedded.free_port()
+    kafka = embedded.start_kafka(advertised_port=proxy_port)
+    proxy = TcpProxy(proxy_port, kafka.port)
+    await proxy.start()
+    try:
+        await embedded.create_topics(kafka.address, [backend.topic])
+        async with run_relay(postgres_dsn, backend.table, redis_url, kafka.address):
+            await backend.emit(purchase(student, purchaseId="warm-up"))
+            await eventually(lambda: backend.holds(0))  # the producer is connected
+            proxy.stall()
+            async with backend.conn.transaction():
+                for n in range(300):  # many of the producer's 16 KiB batches
+                    await backend.insert(purchase(student, purchaseId=f"p{n}", note="x" * 500))
+            await eventually(lambda: backend.holds(0), within=90)
+        messages = await read_topic(kafka.address, backend.topic, 100_000, timeout=5)
+    finally:
+        await proxy.cut()
+        kafka.stop()
+    first_seen = list(dict.fromkeys(orjson.loads(m.value)["data"]["purchaseId"] for m in messages))
+    assert first_seen == ["warm-up", *(f"p{n}" for n in range(300))]
+
+
 async def _reached(counter: Any, count: int) -> bool:
     return bool(counter._value.get() >= count)
 

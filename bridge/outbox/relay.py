@@ -31,6 +31,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import CollectorRegistry
 
 from notify import redis_client
@@ -54,6 +55,11 @@ WORKERS = 2
 # Without a LISTEN wake-up (a lost connection, a pooler that drops notifications), the
 # table is polled this often.
 POLL = 0.5
+# A forward batch's rows go to Kafka in record batches of up to this size, each a round trip
+# (below the broker's default limit of 1 MiB per batch).
+BATCH_BYTES = 512 * 1024
+# Kafka's own key-to-partition rule (murmur2, as the Java client and kafkajs have it).
+_PARTITIONER = DefaultPartitioner()
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
 BROKER_TIMEOUT = 15.0
 STATS_INTERVAL = 5.0
@@ -181,35 +187,40 @@ class Relay:
 
     async def _forward(self, rows: list[Row]) -> tuple[list[int], dict[int, str], list[int]]:
         """Send the rows' envelopes to their topics; returns done, failed (with why) and
-        (always none) rejected."""
+        (always none) rejected.
+
+        Each partition's rows go as record batches built here, in order, the next sent only
+        once Kafka has the one before, and a batch lands whole or not at all. Handed to the
+        producer row by row, they would form batches queued one behind the other; without
+        the idempotent producer, one whose request timed out is given up while the next
+        lands, and the retry then puts a student's earlier events after later ones.
+        """
         producer = await self._kafka()
         failures: dict[int, str] = {}
-        sending: list[tuple[Row, asyncio.Future[Any]]] = []
-        async with asyncio.timeout(BROKER_TIMEOUT):
-            for row in rows:
-                assert row.topic is not None
-                headers = [("notify-event-id", row.event_id.encode())]
-                if row.notified:
-                    headers.append((NOTIFIED, b"1"))
-                try:
-                    sent = await producer.send(
-                        row.topic, row.payload.encode(), key=row.key.encode(), headers=headers
-                    )
-                except KafkaError as exc:
-                    if exc.retriable:
-                        raise
-                    failures[row.id] = f"kafka refused the event: {exc!r}"
-                    continue
-                sending.append((row, sent))
-            results = await asyncio.gather(*(sent for _, sent in sending), return_exceptions=True)
+        partitions: dict[tuple[str, int], list[Row]] = {}
+        for topic, topic_rows in _by_topic(rows).items():
+            try:
+                known = sorted(await producer.partitions_for(topic))
+            except KafkaError as exc:
+                if exc.retriable:
+                    raise
+                failures.update(dict.fromkeys((row.id for row in topic_rows), _refused(exc)))
+                continue
+            for row in topic_rows:
+                partition = _PARTITIONER(row.key.encode(), known, known)
+                partitions.setdefault((topic, partition), []).append(row)
         done: list[int] = []
-        for (row, _), result in zip(sending, results, strict=True):
-            if isinstance(result, KafkaError) and not result.retriable:
-                failures[row.id] = f"kafka refused the event: {result!r}"
-            elif isinstance(result, BaseException):
+        async with asyncio.timeout(BROKER_TIMEOUT):
+            results = await asyncio.gather(
+                *(
+                    _send_partition(producer, topic, partition, part, done, failures)
+                    for (topic, partition), part in partitions.items()
+                ),
+                return_exceptions=True,
+            )
+        for result in results:
+            if isinstance(result, BaseException):
                 raise result
-            else:
-                done.append(row.id)
         return done, failures, []
 
     async def _database(self) -> Any:
@@ -232,6 +243,7 @@ class Relay:
                 acks="all",
                 enable_idempotence=self._settings.idempotent,
                 request_timeout_ms=10_000,
+                max_batch_size=BATCH_BYTES,
             )
             try:
                 await asyncio.wait_for(producer.start(), BROKER_TIMEOUT)
@@ -297,6 +309,62 @@ class Relay:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), BROKER_TIMEOUT)
         await self._redis.aclose()
+
+
+async def _send_partition(
+    producer: AIOKafkaProducer,
+    topic: str,
+    partition: int,
+    rows: list[Row],
+    done: list[int],
+    failures: dict[int, str],
+) -> None:
+    batch = producer.create_batch()
+    members: list[Row] = []
+    for row in rows:
+        headers = [("notify-event-id", row.event_id.encode())]
+        if row.notified:
+            headers.append((NOTIFIED, b"1"))
+        key, value = row.key.encode(), row.payload.encode()
+        # A full batch refuses the row (an empty one takes any row, so a row too large
+        # for Kafka is refused alone).
+        while batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+            await _send_batch(producer, batch, topic, partition, members, done, failures)
+            batch, members = producer.create_batch(), []
+        members.append(row)
+    if members:
+        await _send_batch(producer, batch, topic, partition, members, done, failures)
+
+
+async def _send_batch(
+    producer: AIOKafkaProducer,
+    batch: Any,
+    topic: str,
+    partition: int,
+    members: list[Row],
+    done: list[int],
+    failures: dict[int, str],
+) -> None:
+    try:
+        await (await producer.send_batch(batch, topic, partition=partition))
+    except KafkaError as exc:
+        if exc.retriable:
+            raise
+        failures.update(dict.fromkeys((row.id for row in members), _refused(exc)))
+    else:
+        done.extend(row.id for row in members)
+
+
+def _by_topic(rows: list[Row]) -> dict[str, list[Row]]:
+    topics: dict[str, list[Row]] = {}
+    for row in rows:
+        assert row.topic is not None  # the stage's rows all have one
+        topics.setdefault(row.topic, []).append(row)
+    return topics
+
+
+def _refused(exc: KafkaError) -> str:
+    return f"kafka refused the event: {exc!r}"
 
 
 def _missing_table(table: str) -> asyncpg.UndefinedTableError:

@@ -80,6 +80,10 @@ const clock = (date) => date.toLocaleTimeString([], { hour12: false });
 
 // --- sign-in -----------------------------------------------------------------------------
 
+const PUBLISHER_ONLY =
+  "This key may only publish: the console needs an operator key " +
+  "(NOTIFY_API_KEYS: name:operator=key).";
+
 function showSignedIn(signedIn) {
   $("login-view").hidden = signedIn;
   $("app-view").hidden = !signedIn;
@@ -99,7 +103,15 @@ $("login-form").addEventListener("submit", (event) => {
   $("api-key").value = "";
   // Any authenticated call proves the key; the audit log is also the first thing to show.
   attempt(async () => {
-    await loadAudit();
+    try {
+      await loadAudit();
+    } catch (error) {
+      if (error.status !== 403) throw error;
+      // A backend's key: valid, but it may only publish. Not kept, so a reload does not
+      // sign it in.
+      signOut(PUBLISHER_ONLY);
+      return;
+    }
     showSignedIn(true);
     $("student-id").focus();
   }, $("login-error"));
