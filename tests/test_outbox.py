@@ -84,10 +84,7 @@ async def backend(postgres_dsn: str, kafka_bootstrap: str) -> AsyncIterator[Back
         await conn.close()
 
 
-@contextlib.asynccontextmanager
-async def run_relay(
-    postgres_dsn: str, table: str, redis_url: str, bootstrap: str, **extra: str
-) -> AsyncIterator[Relay]:
+def relay_for(postgres_dsn: str, table: str, redis_url: str, bootstrap: str, **extra: str) -> Relay:
     settings = config.load_outbox(
         {
             "NOTIFY_OUTBOX_DSN": postgres_dsn,
@@ -99,7 +96,14 @@ async def run_relay(
             **extra,
         }
     )
-    relay = Relay(settings, rules.load(None))
+    return Relay(settings, rules.load(None))
+
+
+@contextlib.asynccontextmanager
+async def run_relay(
+    postgres_dsn: str, table: str, redis_url: str, bootstrap: str, **extra: str
+) -> AsyncIterator[Relay]:
+    relay = relay_for(postgres_dsn, table, redis_url, bootstrap, **extra)
     stop = asyncio.Event()
     task = asyncio.create_task(relay.run(stop))
     try:
@@ -238,6 +242,19 @@ async def test_a_kafka_request_given_up_does_not_reorder_a_students_events(
         kafka.stop()
     first_seen = list(dict.fromkeys(orjson.loads(m.value)["data"]["purchaseId"] for m in messages))
     assert first_seen == ["warm-up", *(f"p{n}" for n in range(300))]
+
+
+async def test_both_forward_batches_starting_at_once_share_one_producer(
+    backend: Backend, postgres_dsn: str, redis_url: str, kafka_bootstrap: str
+) -> None:
+    """The forward stage runs two batches at once, and both need the producer first: a
+    second one started beside it would never be stopped (a connection and a task leaked)."""
+    relay = relay_for(postgres_dsn, backend.table, redis_url, kafka_bootstrap)
+    try:
+        first, second = await asyncio.gather(relay._kafka(), relay._kafka())
+        assert first is second
+    finally:
+        await relay._close()
 
 
 async def _reached(counter: Any, count: int) -> bool:

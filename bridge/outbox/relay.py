@@ -85,6 +85,9 @@ class Relay:
         self._pool: Any = None  # asyncpg.Pool, once PostgreSQL answered
         self._connecting = asyncio.Lock()
         self._producer: AIOKafkaProducer | None = None
+        # Its own lock: a Kafka connection attempt (up to BROKER_TIMEOUT) must not hold up
+        # the notify stage's use of the database.
+        self._starting_producer = asyncio.Lock()
         self.metrics = OutboxMetrics()
         self._wake = {stage: asyncio.Event() for stage in Stage}
         # What each stage is failing at right now, or None: the readiness signal.
@@ -237,22 +240,24 @@ class Relay:
         return self._pool
 
     async def _kafka(self) -> AIOKafkaProducer:
-        if self._producer is None:
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self._settings.kafka_bootstrap,
-                acks="all",
-                enable_idempotence=self._settings.idempotent,
-                request_timeout_ms=10_000,
-                max_batch_size=BATCH_BYTES,
-            )
-            try:
-                await asyncio.wait_for(producer.start(), BROKER_TIMEOUT)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-                raise
-            self._producer = producer
-        return self._producer
+        """The producer, started by whichever of the forward batches asks first."""
+        async with self._starting_producer:
+            if self._producer is None:
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=self._settings.kafka_bootstrap,
+                    acks="all",
+                    enable_idempotence=self._settings.idempotent,
+                    request_timeout_ms=10_000,
+                    max_batch_size=BATCH_BYTES,
+                )
+                try:
+                    await asyncio.wait_for(producer.start(), BROKER_TIMEOUT)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await producer.stop()
+                    raise
+                self._producer = producer
+            return self._producer
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """Wake both stages when a transaction that inserted rows commits (LISTEN)."""
