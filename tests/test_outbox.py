@@ -19,6 +19,8 @@ import pytest
 from redis.asyncio import Redis
 
 from bridge import rules
+from bridge.outbox import forward
+from bridge.outbox.forward import Forwarder
 from bridge.outbox.relay import Relay
 from bridge.outbox.store import Outbox
 from notify import config, embedded, processes
@@ -216,12 +218,19 @@ async def test_while_kafka_is_down_students_are_notified_and_kafka_catches_up_la
 
 
 async def test_a_kafka_request_given_up_does_not_reorder_a_students_events(
-    backend: Backend, postgres_dsn: str, redis_url: str, student: str
+    backend: Backend,
+    postgres_dsn: str,
+    redis_url: str,
+    student: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The broker stops answering while the relay sends one student's rows. The producer
     gives the request up after its timeout; whatever else of that partition it had queued
     must not land before the rows of the request given up, or the retry puts the student's
     earlier events after later ones."""
+    # The rows of one call make many record batches (the producer's own are as small).
+    monkeypatch.setattr(forward, "BATCH_BYTES", 16 * 1024)
     proxy_port = embedded.free_port()
     kafka = embedded.start_kafka(advertised_port=proxy_port)
     proxy = TcpProxy(proxy_port, kafka.port)
@@ -233,15 +242,34 @@ async def test_a_kafka_request_given_up_does_not_reorder_a_students_events(
             await eventually(lambda: backend.holds(0))  # the producer is connected
             proxy.stall()
             async with backend.conn.transaction():
-                for n in range(300):  # many of the producer's 16 KiB batches
+                for n in range(300):  # about 220 KB
                     await backend.insert(purchase(student, purchaseId=f"p{n}", note="x" * 500))
             await eventually(lambda: backend.holds(0), within=90)
         messages = await read_topic(kafka.address, backend.topic, 100_000, timeout=5)
     finally:
         await proxy.cut()
         kafka.stop()
+    assert "outbox forward stage failing" in caplog.text  # a request was given up
     first_seen = list(dict.fromkeys(orjson.loads(m.value)["data"]["purchaseId"] for m in messages))
     assert first_seen == ["warm-up", *(f"p{n}" for n in range(300))]
+
+
+async def test_a_row_too_large_for_kafka_is_failed_and_the_rest_go_on(
+    backend: Backend, postgres_dsn: str, redis_url: str, kafka_bootstrap: str, student: str
+) -> None:
+    async with run_relay(postgres_dsn, backend.table, redis_url, kafka_bootstrap):
+        async with backend.conn.transaction():
+            await backend.insert(purchase(student, purchaseId="p0"))
+            await backend.insert(purchase(student, purchaseId="huge", note="x" * 1_100_000))
+            await backend.insert(purchase(student, purchaseId="p1"))
+        await eventually(lambda: backend.holds(1), within=30)
+    [failure] = await backend.conn.fetch(
+        f"SELECT payload->'data'->>'purchaseId' AS id, failure FROM {backend.table}"
+    )
+    assert failure["id"] == "huge"
+    assert "too large for Kafka" in failure["failure"]
+    messages = await read_topic(kafka_bootstrap, backend.topic, 2)
+    assert [orjson.loads(m.value)["data"]["purchaseId"] for m in messages] == ["p0", "p1"]
 
 
 async def test_both_forward_batches_starting_at_once_share_one_producer(
@@ -249,12 +277,12 @@ async def test_both_forward_batches_starting_at_once_share_one_producer(
 ) -> None:
     """The forward stage runs two batches at once, and both need the producer first: a
     second one started beside it would never be stopped (a connection and a task leaked)."""
-    relay = relay_for(postgres_dsn, backend.table, redis_url, kafka_bootstrap)
+    forwarder = Forwarder(kafka_bootstrap, idempotent=False)
     try:
-        first, second = await asyncio.gather(relay._kafka(), relay._kafka())
+        first, second = await asyncio.gather(forwarder.connect(), forwarder.connect())
         assert first is second
     finally:
-        await relay._close()
+        await forwarder.close()
 
 
 async def _reached(counter: Any, count: int) -> bool:

@@ -6,13 +6,15 @@ destination is down:
 - **notify**: the row's envelope goes through the bridge's own rules and publish step
   (:mod:`bridge.handling`): cache keys deleted, then one notification per recipient, with
   the bridge's dedupe key (event type and id). Then the row is marked notified.
-- **forward**: the envelope goes to the row's topic (key = the student, an idempotent
-  producer, ``notify-event-id`` in a header for the backend's own consumers to dedupe),
-  then the row is marked forwarded. If the row was notified already, the message says so
-  (``notify-notified``) and the bridge consuming it does not notify again, however late.
+- **forward**: the envelope goes to the row's topic (:mod:`.forward`: key = the student,
+  each student's rows in order, ``notify-event-id`` in a header for the backend's own
+  consumers to dedupe), then the row is marked forwarded. If the row was notified already,
+  the message says so (``notify-notified``) and the bridge consuming it does not notify
+  again, however late.
 
 Each stage takes a batch of lanes (:mod:`.store`), does its work, then records it in one
-short transaction. A crash before that commit leaves the rows to do: the work is done again
+short transaction (also what it did before an error stopped it). A crash before that commit
+leaves the rows to do: the work is done again
 (at least once), which Redis deduplicates and Kafka consumers can. A row that cannot be
 parsed or mapped, that Redis keeps rejecting, or that Kafka refuses for good is marked
 failed with the reason and never blocks the rows behind it.
@@ -26,21 +28,19 @@ import functools
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import CollectorRegistry
 
 from notify import redis_client
 from notify.config import OutboxSettings
 
 from .. import handling
-from ..consumer import NOTIFIED
 from ..handling import Rejected
 from ..rules import Rule
+from .forward import Forwarder
 from .metrics import OutboxMetrics
 from .store import FORWARD, NOTIFY, Outbox, Row, Stage
 
@@ -55,13 +55,8 @@ WORKERS = 2
 # Without a LISTEN wake-up (a lost connection, a pooler that drops notifications), the
 # table is polled this often.
 POLL = 0.5
-# A forward batch's rows go to Kafka in record batches of up to this size, each a round trip
-# (below the broker's default limit of 1 MiB per batch).
-BATCH_BYTES = 512 * 1024
-# Kafka's own key-to-partition rule (murmur2, as the Java client and kafkajs have it).
-_PARTITIONER = DefaultPartitioner()
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
-BROKER_TIMEOUT = 15.0
+CLOSE_TIMEOUT = 15.0
 STATS_INTERVAL = 5.0
 EXPIRE_INTERVAL = 60.0
 
@@ -76,6 +71,16 @@ _DATABASE_DOWN: tuple[type[Exception], ...] = (
 _RETRIED = (*_DATABASE_DOWN, *redis_client.UNAVAILABLE, KafkaError, TimeoutError)
 
 
+class Outcome(NamedTuple):
+    """A stage's work on a batch: rows done, failed for good (with why), rejected (tried
+    again later), and the error that stopped it before the rest, if one did."""
+
+    done: list[int]
+    failures: dict[int, str]
+    rejected: list[int]
+    error: BaseException | None
+
+
 class Relay:
     def __init__(self, settings: OutboxSettings, rule_set: Mapping[str, Rule]) -> None:
         self._settings = settings
@@ -84,10 +89,7 @@ class Relay:
         self._redis, self._publisher = handling.connect(settings.redis, settings.history)
         self._pool: Any = None  # asyncpg.Pool, once PostgreSQL answered
         self._connecting = asyncio.Lock()
-        self._producer: AIOKafkaProducer | None = None
-        # Its own lock: a Kafka connection attempt (up to BROKER_TIMEOUT) must not hold up
-        # the notify stage's use of the database.
-        self._starting_producer = asyncio.Lock()
+        self._forwarder = Forwarder(settings.kafka_bootstrap, settings.idempotent)
         self.metrics = OutboxMetrics()
         self._wake = {stage: asyncio.Event() for stage in Stage}
         # What each stage is failing at right now, or None: the readiness signal.
@@ -141,14 +143,15 @@ class Relay:
             # Rows are read only once Kafka answers. Read while it is down, a row's notified
             # mark is whatever it was then, and the message sent at the end of the outage
             # would ask the bridge to notify again an event whose dedupe key may be gone.
-            await self._kafka()
+            await self._forwarder.connect()
         async with pool.acquire() as conn:
             try:
                 rows = await self._outbox.claim(conn, stage, BATCH_LANES, BATCH_ROWS)
                 if not rows:
                     return 0
                 work = self._notify if stage is NOTIFY else self._forward
-                done, failures, rejected = await work(rows)
+                done, failures, rejected, error = await work(rows)
+                # What was done before an error is recorded: it is not done again.
                 async with conn.transaction():
                     delete = self._settings.retention == 0
                     await self._outbox.done(conn, stage, done, delete)
@@ -165,10 +168,12 @@ class Relay:
         self.metrics.failed.labels(stage.value).inc(len(failures))
         for row_id, reason in failures.items():
             log.warning("outbox row %d failed at %s: %s", row_id, stage.value, reason)
+        if error is not None:
+            raise error
         return len(rows)
 
-    async def _notify(self, rows: list[Row]) -> tuple[list[int], dict[int, str], list[int]]:
-        """Publish the rows' notifications; returns done, failed (with why), rejected."""
+    async def _notify(self, rows: list[Row]) -> Outcome:
+        """Publish the rows' notifications."""
         items = [
             handling.map_event(row, row.payload.encode(), self._rules, self.metrics) for row in rows
         ]
@@ -186,45 +191,11 @@ class Relay:
                 rejected.append(row.id)
             else:
                 done.append(row.id)
-        return done, failures, rejected
+        return Outcome(done, failures, rejected, None)
 
-    async def _forward(self, rows: list[Row]) -> tuple[list[int], dict[int, str], list[int]]:
-        """Send the rows' envelopes to their topics; returns done, failed (with why) and
-        (always none) rejected.
-
-        Each partition's rows go as record batches built here, in order, the next sent only
-        once Kafka has the one before, and a batch lands whole or not at all. Handed to the
-        producer row by row, they would form batches queued one behind the other; without
-        the idempotent producer, one whose request timed out is given up while the next
-        lands, and the retry then puts a student's earlier events after later ones.
-        """
-        producer = await self._kafka()
-        failures: dict[int, str] = {}
-        partitions: dict[tuple[str, int], list[Row]] = {}
-        for topic, topic_rows in _by_topic(rows).items():
-            try:
-                known = sorted(await producer.partitions_for(topic))
-            except KafkaError as exc:
-                if exc.retriable:
-                    raise
-                failures.update(dict.fromkeys((row.id for row in topic_rows), _refused(exc)))
-                continue
-            for row in topic_rows:
-                partition = _PARTITIONER(row.key.encode(), known, known)
-                partitions.setdefault((topic, partition), []).append(row)
-        done: list[int] = []
-        async with asyncio.timeout(BROKER_TIMEOUT):
-            results = await asyncio.gather(
-                *(
-                    _send_partition(producer, topic, partition, part, done, failures)
-                    for (topic, partition), part in partitions.items()
-                ),
-                return_exceptions=True,
-            )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return done, failures, []
+    async def _forward(self, rows: list[Row]) -> Outcome:
+        forwarded = await self._forwarder.send(rows)
+        return Outcome(forwarded.done, forwarded.failures, [], forwarded.error)
 
     async def _database(self) -> Any:
         async with self._connecting:
@@ -238,26 +209,6 @@ class Relay:
                         raise _missing_table(self._outbox.table)
                 self._pool = pool
         return self._pool
-
-    async def _kafka(self) -> AIOKafkaProducer:
-        """The producer, started by whichever of the forward batches asks first."""
-        async with self._starting_producer:
-            if self._producer is None:
-                producer = AIOKafkaProducer(
-                    bootstrap_servers=self._settings.kafka_bootstrap,
-                    acks="all",
-                    enable_idempotence=self._settings.idempotent,
-                    request_timeout_ms=10_000,
-                    max_batch_size=BATCH_BYTES,
-                )
-                try:
-                    await asyncio.wait_for(producer.start(), BROKER_TIMEOUT)
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        await producer.stop()
-                    raise
-                self._producer = producer
-            return self._producer
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """Wake both stages when a transaction that inserted rows commits (LISTEN)."""
@@ -307,69 +258,11 @@ class Relay:
             await asyncio.sleep(STATS_INTERVAL)
 
     async def _close(self) -> None:
-        if self._producer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._producer.stop(), BROKER_TIMEOUT)
+        await self._forwarder.close()
         if self._pool is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._pool.close(), BROKER_TIMEOUT)
+                await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT)
         await self._redis.aclose()
-
-
-async def _send_partition(
-    producer: AIOKafkaProducer,
-    topic: str,
-    partition: int,
-    rows: list[Row],
-    done: list[int],
-    failures: dict[int, str],
-) -> None:
-    batch = producer.create_batch()
-    members: list[Row] = []
-    for row in rows:
-        headers = [("notify-event-id", row.event_id.encode())]
-        if row.notified:
-            headers.append((NOTIFIED, b"1"))
-        key, value = row.key.encode(), row.payload.encode()
-        # A full batch refuses the row (an empty one takes any row, so a row too large
-        # for Kafka is refused alone).
-        while batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-            await _send_batch(producer, batch, topic, partition, members, done, failures)
-            batch, members = producer.create_batch(), []
-        members.append(row)
-    if members:
-        await _send_batch(producer, batch, topic, partition, members, done, failures)
-
-
-async def _send_batch(
-    producer: AIOKafkaProducer,
-    batch: Any,
-    topic: str,
-    partition: int,
-    members: list[Row],
-    done: list[int],
-    failures: dict[int, str],
-) -> None:
-    try:
-        await (await producer.send_batch(batch, topic, partition=partition))
-    except KafkaError as exc:
-        if exc.retriable:
-            raise
-        failures.update(dict.fromkeys((row.id for row in members), _refused(exc)))
-    else:
-        done.extend(row.id for row in members)
-
-
-def _by_topic(rows: list[Row]) -> dict[str, list[Row]]:
-    topics: dict[str, list[Row]] = {}
-    for row in rows:
-        assert row.topic is not None  # the stage's rows all have one
-        topics.setdefault(row.topic, []).append(row)
-    return topics
-
-
-def _refused(exc: KafkaError) -> str:
-    return f"kafka refused the event: {exc!r}"
 
 
 def _missing_table(table: str) -> asyncpg.UndefinedTableError:
