@@ -216,10 +216,12 @@ async def stack(
         running.start_bridge()
         yield running
     finally:
+        # Stopped while the proxies, which run in this loop, still pass traffic: a process
+        # that says goodbye to Kafka or Redis would otherwise wait out its timeouts.
+        await asyncio.to_thread(running.stop)
         await proxy.cut()
         if redis_proxy is not None:
             await redis_proxy.cut()
-        running.stop()
 
 
 @dataclass
