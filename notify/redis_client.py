@@ -59,7 +59,8 @@ class _HiredisPacking:
 
 
 class _Cluster(RedisCluster):
-    """redis-py's cluster client, with one of its races reported as the error it means.
+    """redis-py's cluster client, with function calls routed from their own keys, and one of
+    its races reported as the error it means.
 
     On CLUSTERDOWN, on a failed re-read of the slot map and when a pipeline starts over,
     redis-py closes the connections of every node, those that other tasks are writing to or
@@ -75,6 +76,15 @@ class _Cluster(RedisCluster):
             return await super().execute_command(*args, **kwargs)
         except (AttributeError, TypeError) as exc:
             raise _lost(exc) from exc
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        # An FCALL names its keys as EVALSHA does (name, count, keys), but redis-py asks a
+        # node for them (COMMAND GETKEYS) on every call, outside its retry loop: a round
+        # trip more per publish, and after a failover the dead node it asked failed every
+        # publish until the slot map was next re-read, a minute later.
+        if isinstance(command, str) and command.upper() in ("FCALL", "FCALL_RO"):
+            command = "EVALSHA"
+        return await super()._determine_slot(command, *args)
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
         if shard_hint:

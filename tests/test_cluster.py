@@ -346,6 +346,38 @@ def migrate_slot(cluster: embedded.Cluster, slot: int, source: int, target: int)
             node.close()
 
 
+async def test_a_function_call_is_routed_without_asking_a_node_for_its_keys(
+    redis_cluster: embedded.Cluster,
+) -> None:
+    """redis-py asks a node (COMMAND GETKEYS) where an FCALL's keys are, on every call: a
+    round trip more per publish, and after a failover its dead default node failed every
+    publish for a minute, before any retry or slot-map refresh. The keys are in the call."""
+    nodes = [redis_client.client(node.address) for node in redis_cluster.nodes]
+    redis = redis_client.client(redis_cluster.address, cluster=True)
+
+    async def getkeys_calls() -> int:
+        total = 0
+        for node in nodes:
+            stats = await node.info("commandstats")
+            total += int(stats.get("cmdstat_command|getkeys", {}).get("calls", 0))
+        return total
+
+    try:
+        pub = publisher(redis)
+        await pub.publish(Notification(unique("s"), "E", {}))  # the library is loaded
+        before = await getkeys_calls()
+        students = spread(redis_cluster, 9)
+        for student in students:
+            await pub.publish(Notification(student, "E", {}))
+        # One batch over every master: a pipeline of calls.
+        await pub.invalidate_then_publish((), [Notification(s, "E", {}) for s in students])
+        assert await getkeys_calls() == before
+    finally:
+        await redis.aclose()
+        for node in nodes:
+            await node.aclose()
+
+
 async def test_a_slot_migration_moves_the_subscription_and_loses_nothing(
     failover_cluster: embedded.Cluster,
 ) -> None:
