@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -31,7 +30,7 @@ from aiokafka.errors import (
 from aiokafka.partitioner import DefaultPartitioner
 
 from ..consumer import NOTIFIED
-from .store import Row
+from .store import Outcome, Row
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +49,6 @@ _ROWS_REFUSED = (
 )
 # Kafka's own key-to-partition rule (murmur2, as the Java client and kafkajs have it).
 _PARTITIONER = DefaultPartitioner()
-
-
-@dataclass
-class Forwarded:
-    """What a call did: rows Kafka has, rows failed for good (with why), and the error that
-    stopped it, if one did (the rows in neither list are to be sent again)."""
-
-    done: list[int] = field(default_factory=list)
-    failures: dict[int, str] = field(default_factory=dict)
-    error: BaseException | None = None
 
 
 class Forwarder:
@@ -92,9 +81,9 @@ class Forwarder:
                 self._producer = producer
             return self._producer
 
-    async def send(self, rows: list[Row]) -> Forwarded:
+    async def send(self, rows: list[Row]) -> Outcome:
         producer = await self.connect()
-        forwarded = Forwarded()
+        forwarded = Outcome()
         try:
             async with asyncio.timeout(BROKER_TIMEOUT):
                 partitions = await self._partitions(producer, rows, forwarded)
@@ -127,7 +116,7 @@ class Forwarder:
             await asyncio.wait_for(producer.stop(), BROKER_TIMEOUT)
 
     async def _partitions(
-        self, producer: AIOKafkaProducer, rows: list[Row], forwarded: Forwarded
+        self, producer: AIOKafkaProducer, rows: list[Row], forwarded: Outcome
     ) -> dict[tuple[str, int], list[Row]]:
         """The rows by topic and partition, each list in ``id`` order."""
         known: dict[str, list[int] | None] = {}
@@ -156,7 +145,7 @@ class Forwarder:
         topic: str,
         partition: int,
         rows: list[Row],
-        forwarded: Forwarded,
+        forwarded: Outcome,
     ) -> None:
         alone = topic in self._one_per_batch
         batch = producer.create_batch()
@@ -188,7 +177,7 @@ class Forwarder:
         topic: str,
         partition: int,
         members: list[Row],
-        forwarded: Forwarded,
+        forwarded: Outcome,
     ) -> None:
         """Send one record batch and wait for Kafka's answer. A refusal stops the call (it
         broke an idempotent producer's sequence): a row refused alone is failed; a batch

@@ -28,7 +28,7 @@ import functools
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import asyncpg
 from aiokafka.errors import KafkaError
@@ -42,7 +42,7 @@ from ..handling import Rejected
 from ..rules import Rule
 from .forward import Forwarder
 from .metrics import OutboxMetrics
-from .store import FORWARD, NOTIFY, Outbox, Row, Stage
+from .store import FORWARD, NOTIFY, Outbox, Outcome, Row, Stage
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +69,6 @@ _DATABASE_DOWN: tuple[type[Exception], ...] = (
     OSError,
 )
 _RETRIED = (*_DATABASE_DOWN, *redis_client.UNAVAILABLE, KafkaError, TimeoutError)
-
-
-class Outcome(NamedTuple):
-    """A stage's work on a batch: rows done, failed for good (with why), rejected (tried
-    again later), and the error that stopped it before the rest, if one did."""
-
-    done: list[int]
-    failures: dict[int, str]
-    rejected: list[int]
-    error: BaseException | None
 
 
 class Relay:
@@ -149,27 +139,27 @@ class Relay:
                 rows = await self._outbox.claim(conn, stage, BATCH_LANES, BATCH_ROWS)
                 if not rows:
                     return 0
-                work = self._notify if stage is NOTIFY else self._forward
-                done, failures, rejected, error = await work(rows)
+                work = self._notify if stage is NOTIFY else self._forwarder.send
+                outcome = await work(rows)
                 # What was done before an error is recorded: it is not done again.
                 async with conn.transaction():
                     delete = self._settings.retention == 0
-                    await self._outbox.done(conn, stage, done, delete)
-                    await self._outbox.fail(conn, failures)
-                    await self._outbox.rejected(conn, rejected)
+                    await self._outbox.done(conn, stage, outcome.done, delete)
+                    await self._outbox.fail(conn, outcome.failures)
+                    await self._outbox.rejected(conn, outcome.rejected)
             finally:
                 if not conn.is_closed():
                     await self._outbox.release(conn)
-        if done:
+        if outcome.done:
             # The batch's oldest row: observing each one cost a tenth of the relay's CPU.
             lag = (datetime.now(UTC) - rows[0].created_at).total_seconds()
             self.metrics.lag.labels(stage.value).observe(lag)
-        self.metrics.done.labels(stage.value).inc(len(done))
-        self.metrics.failed.labels(stage.value).inc(len(failures))
-        for row_id, reason in failures.items():
+        self.metrics.done.labels(stage.value).inc(len(outcome.done))
+        self.metrics.failed.labels(stage.value).inc(len(outcome.failures))
+        for row_id, reason in outcome.failures.items():
             log.warning("outbox row %d failed at %s: %s", row_id, stage.value, reason)
-        if error is not None:
-            raise error
+        if outcome.error is not None:
+            raise outcome.error
         return len(rows)
 
     async def _notify(self, rows: list[Row]) -> Outcome:
@@ -191,11 +181,7 @@ class Relay:
                 rejected.append(row.id)
             else:
                 done.append(row.id)
-        return Outcome(done, failures, rejected, None)
-
-    async def _forward(self, rows: list[Row]) -> Outcome:
-        forwarded = await self._forwarder.send(rows)
-        return Outcome(forwarded.done, forwarded.failures, [], forwarded.error)
+        return Outcome(done, failures, rejected)
 
     async def _database(self) -> Any:
         async with self._connecting:

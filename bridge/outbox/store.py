@@ -13,7 +13,7 @@ after the locks are taken, so that it sees what the lane's previous holder recor
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from importlib import resources
@@ -54,6 +54,18 @@ class Row(NamedTuple):
     created_at: datetime
     attempts: int
     notified: bool
+
+
+@dataclass(slots=True)
+class Outcome:
+    """A stage's work on a batch, as it is recorded: rows done, failed for good (with why),
+    rejected (tried again later), and the error that stopped the work before the rest, if
+    one did."""
+
+    done: list[int] = field(default_factory=list)
+    failures: dict[int, str] = field(default_factory=dict)
+    rejected: list[int] = field(default_factory=list)
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True, slots=True)
