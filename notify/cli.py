@@ -63,21 +63,28 @@ def cmd_bridge(_args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_outbox(args: argparse.Namespace) -> int:
+def cmd_outbox(_args: argparse.Namespace) -> int:
     from bridge import rules, service
-    from bridge.outbox import admin
     from bridge.outbox.relay import Relay
 
-    if args.action == "init":
-        _run(admin.init(config.load_outbox_table(os.environ)))
-        return 0
-    if args.action == "failed":
-        _run(admin.show_failed(config.load_outbox_table(os.environ), args.limit))
-        return 0
     settings = config.load_outbox(os.environ)
     rule_set = rules.load(settings.rules_path)
     _configure_logging("outbox")
     _run(service.run(lambda: Relay(settings, rule_set), settings.host, settings.port))
+    return 0
+
+
+def cmd_outbox_init(_args: argparse.Namespace) -> int:
+    from bridge.outbox import admin
+
+    _run(admin.init(config.load_outbox_table(os.environ)))
+    return 0
+
+
+def cmd_outbox_failed(args: argparse.Namespace) -> int:
+    from bridge.outbox import admin
+
+    _run(admin.show_failed(config.load_outbox_table(os.environ), args.limit))
     return 0
 
 
@@ -190,12 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gateway.set_defaults(func=cmd_gateway)
     sub.add_parser("bridge", help="consume Kafka domain events").set_defaults(func=cmd_bridge)
-    outbox = sub.add_parser(
-        "outbox", help="relay the PostgreSQL outbox (init: create its table; failed: list them)"
-    )
-    outbox.add_argument("action", nargs="?", choices=["run", "init", "failed"], default="run")
-    outbox.add_argument("--limit", type=_positive, default=20, help="failed rows to show")
+    outbox = sub.add_parser("outbox", help="relay the PostgreSQL outbox (the default: run)")
     outbox.set_defaults(func=cmd_outbox)
+    actions = outbox.add_subparsers(metavar="action")
+    actions.add_parser("run", help="relay its rows").set_defaults(func=cmd_outbox)
+    actions.add_parser("init", help="create its table").set_defaults(func=cmd_outbox_init)
+    failed = actions.add_parser("failed", help="list the rows set aside, newest first")
+    failed.add_argument("--limit", type=_positive, default=20, help="failed rows to show")
+    failed.set_defaults(func=cmd_outbox_failed)
     token = sub.add_parser("token", help="mint a student JWT with NOTIFY_JWT_SECRET")
     token.add_argument("user_id")
     token.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")

@@ -75,8 +75,7 @@ class Forwarder:
                 try:
                     await asyncio.wait_for(producer.start(), BROKER_TIMEOUT)
                 except BaseException:
-                    with contextlib.suppress(Exception):
-                        await producer.stop()
+                    await _stop(producer)
                     raise
                 self._producer = producer
             return self._producer
@@ -112,8 +111,7 @@ class Forwarder:
             if current is None or current is not producer:
                 return  # the other batch dropped it already
             self._producer = None
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(producer.stop(), BROKER_TIMEOUT)
+        await _stop(producer)
 
     async def _partitions(
         self, producer: AIOKafkaProducer, rows: list[Row], forwarded: Outcome
@@ -199,3 +197,11 @@ class Forwarder:
                 self._one_per_batch.add(topic)
             raise
         forwarded.done.extend(row.id for row in members)
+
+
+async def _stop(producer: AIOKafkaProducer) -> None:
+    """Stop a producer we are done with, within the broker timeout: its stop waits for the
+    batches still queued, which a broker that is down never takes (and the caller may hold
+    the lock every batch needs)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(producer.stop(), BROKER_TIMEOUT)

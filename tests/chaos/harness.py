@@ -76,6 +76,8 @@ class Stack:
     postgres: embedded.Server | None = None
     postgres_dir: str = ""
     relays: list[subprocess.Popen[bytes] | None] = field(default_factory=list)
+    # Each process's output (warnings and up), shown with a failed scenario.
+    logs: Path = field(default_factory=lambda: Path(tempfile.mkdtemp()))
 
     @property
     def urls(self) -> list[str]:
@@ -83,7 +85,15 @@ class Stack:
 
     def spawn(self, what: str, **extra: str) -> subprocess.Popen[bytes]:
         command = processes.notify(what)
-        return processes.spawn(command, {**self.env, **extra}, quiet=True)
+        started = len(list(self.logs.glob(f"{what}-*.log")))
+        with (self.logs / f"{what}-{started}.log").open("ab") as log:
+            return processes.spawn(command, {**self.env, **extra}, log=log)
+
+    def print_logs(self, lines: int = 40) -> None:
+        """The last lines each process wrote, for the report of a failed scenario."""
+        for path in sorted(self.logs.glob("*.log")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            print(f"----- {path.name} (last {len(tail)} lines) -----", *tail, sep="\n")
 
     def start_gateway(self, index: int) -> None:
         self.gateways[index] = self.spawn("gateway", PORT=str(self.gateway_ports[index]))
@@ -222,6 +232,8 @@ async def stack(
         await proxy.cut()
         if redis_proxy is not None:
             await redis_proxy.cut()
+        # Captured: pytest shows it with a failed scenario only.
+        running.print_logs()
 
 
 @dataclass
@@ -492,6 +504,30 @@ class OutboxRun(Run):
         except asyncpg.UniqueViolationError:
             pass  # the commit went through before its answer was lost: it is there
         return True
+
+    async def whereabouts(self) -> str:
+        """Where the committed events stand, for the report of a scenario that timed out:
+        the rows each stage has still to do, the failed ones and why, what Kafka holds,
+        and which relays still run."""
+        conn = await asyncpg.connect(self.stack.env["NOTIFY_OUTBOX_DSN"])
+        try:
+            rows = await conn.fetchrow(
+                f"""
+                SELECT count(*) FILTER (WHERE notified_at IS NULL AND failed_at IS NULL),
+                       count(*) FILTER (WHERE forwarded_at IS NULL AND failed_at IS NULL),
+                       count(*) FILTER (WHERE failed_at IS NOT NULL), min(failure)
+                FROM {self._table}
+                """
+            )
+        finally:
+            await conn.close()
+        distinct, duplicates, _ = await self.forwarded()
+        exits = [None if relay is None else relay.poll() for relay in self.stack.relays]
+        return (
+            f"committed {sum(self.sent.values())}; in Kafka {distinct} (+{duplicates} copies);"
+            f" rows to notify {rows[0]}, to forward {rows[1]}, failed {rows[2]} ({rows[3]});"
+            f" relays' exit codes {exits}"
+        )
 
     async def forwarded(self) -> tuple[int, int, int]:
         """What Kafka holds of the committed events: (distinct, duplicates, out of order)."""

@@ -204,10 +204,17 @@ async def bridge_consumed(running: Stack) -> int:
     return 0 if line is None else int(float(line.removeprefix(prefix)))
 
 
-async def until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+async def until(
+    check: Callable[[], Awaitable[bool]],
+    within: float,
+    what: str,
+    explain: Callable[[], Awaitable[str]] | None = None,
+) -> None:
     deadline = asyncio.get_running_loop().time() + within
     while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out: {what}"
+        if asyncio.get_running_loop().time() >= deadline:
+            why = "" if explain is None else f": {await explain()}"
+            raise AssertionError(f"timed out: {what}{why}")
         await asyncio.sleep(0.5)
 
 
@@ -219,13 +226,13 @@ async def outbox_settled(run: OutboxRun, within: float = 120) -> tuple[Figures, 
     async def forwarded_all() -> bool:
         return (await run.forwarded())[0] == committed
 
-    await until(forwarded_all, within, "every committed event in Kafka")
+    await until(forwarded_all, within, "every committed event in Kafka", run.whereabouts)
     distinct, duplicates, reordered = await run.forwarded()
 
     async def bridge_read_all() -> bool:
         return await bridge_consumed(run.stack) >= distinct + duplicates
 
-    await until(bridge_read_all, within, "the bridge reads the forwarded events")
+    await until(bridge_read_all, within, "the bridge reads the forwarded events", run.whereabouts)
     figures = await run.settle(within)
     assert reordered == 0, f"{reordered} events reached Kafka out of order"
     return figures, f"Kafka: {distinct} events, {duplicates} duplicates, {reordered} out of order"
