@@ -182,6 +182,57 @@ async def test_ids_the_history_cannot_honour_mean_resync(
     await ws.close()
 
 
+async def lrange_calls(redis: Redis) -> int:
+    """LRANGEs Redis ran so far, those of functions included: each reads history bodies."""
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_lrange", {}).get("calls", 0))
+
+
+async def test_a_resume_from_another_epoch_reads_no_history_body(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    """The epoch is compared before the bodies are read: a resume that ends in a resync
+    costs Redis no read of the history, however long it is."""
+    ids = await publish_numbered(publisher(redis, size=500), student, range(300), pad="x" * 200)
+    before = await lrange_calls(redis)
+    ws, welcome = await open_client(gateway.ws_url(student, since="zzzz-1"))
+    assert welcome["recovered"] is False
+    assert (await recv_json(ws))["reason"] == "history epoch changed"
+    await ws.close()
+    assert await lrange_calls(redis) == before
+    # The same resume from this epoch reads them: the count does see the function's reads.
+    ws, welcome = await open_client(gateway.ws_url(student, since=ids[0]))
+    assert numbers(await events(ws, 299)) == list(range(1, 300))
+    await ws.close()
+    assert await lrange_calls(redis) > before
+
+
+async def test_missed_events_larger_than_the_send_budget_are_a_resync(
+    redis_url: str, redis: Redis, student: str
+) -> None:
+    """A replay counts against the connection's send budget: one that cannot fit is a
+    resync ("too far behind"), not a connection closed on every resume. Live events follow."""
+    pub = publisher(redis, size=500)
+    async with start_gateway(redis_url, NOTIFY_SEND_QUEUE_BYTES="8192") as gateway:
+        [first, *_, last] = await publish_numbered(pub, student, range(100), pad="x" * 200)
+        ws, welcome = await open_client(gateway.ws_url(student, since=first))
+        assert welcome["recovered"] is False
+        assert await recv_json(ws) == {
+            "type": "resync",
+            "reason": "too far behind",
+            "last_id": last,
+        }
+        await publish_numbered(pub, student, range(100, 101))
+        assert numbers(await events(ws, 1)) == [100]
+        await nothing_arrives(ws)
+        await ws.close()
+        # Few enough to fit: replayed.
+        ws, welcome = await open_client(gateway.ws_url(student, since=last))
+        assert welcome["recovered"] is True
+        assert numbers(await events(ws, 1)) == [100]
+        await ws.close()
+
+
 async def test_flushall_is_detected_by_the_epoch(
     private_redis: embedded.Server, student: str
 ) -> None:
