@@ -139,10 +139,14 @@ class Bridge:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(self._producer.start(), BROKER_TIMEOUT)
+                await asyncio.wait_for(self._consumer.start(), BROKER_TIMEOUT)
+                # Subscribed once started: subscribed before, start() also waits for the
+                # group's assignment, which after a crash takes the dead member's session
+                # timeout and a rebalance. That wait is not Kafka being down (giving up on
+                # it would join again: a rebalance more for every member); getmany waits.
                 self._consumer.subscribe(
                     list(self._settings.kafka.topics), listener=_CommitOnRevoke(self)
                 )
-                await asyncio.wait_for(self._consumer.start(), BROKER_TIMEOUT)
                 log.info("bridge consuming %s", ",".join(self._settings.kafka.topics))
                 self._started = True
                 await self._check_retention()
