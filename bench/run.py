@@ -357,9 +357,9 @@ class Publisher:
         # As the Publisher does: a student's notifications together, its keys given once.
         for user, count in Counter(users).items():
             keys += [KEYS.incarnation(user).encode(), KEYS.history(user).encode()]
-            args += [KEYS.channel(user).encode(), self._body(), b"", b""]
+            args += [KEYS.channel(user).encode(), self._body(), b""]
             for _ in range(count - 1):
-                args += [b"", self._body(), b"", b""]
+                args += [b"", self._body(), b""]
         return resp(b"FCALL", library.PUBLISH.encode(), b"%d" % len(keys), *keys, *args)
 
 

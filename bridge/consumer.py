@@ -2,17 +2,19 @@
 
 Order of work for each batch from ``getmany``, the reason at-least-once holds:
 
-1. every message is parsed and mapped by the rules; one that cannot be handled is sent to
-   the dead-letter topic with the reason (and the send awaited);
-2. the Redis work of the whole batch runs in one pipeline, per partition in Kafka order:
-   backend cache keys are deleted *before* the notification goes out, so an app that
-   refetches on the notification never reads the stale cache;
-3. only then are the offsets committed.
+1. a message its partition's mark covers is a replay and is skipped (:mod:`.positions`);
+   every other is parsed and mapped by the rules;
+2. the Redis work of the batch: backend cache keys are deleted *before* the notifications
+   go out, so an app that refetches on the notification never reads the stale cache; the
+   notifications follow in Kafka order per partition;
+3. a message that cannot be handled is sent to the dead-letter topic with the reason (and
+   the send awaited);
+4. the partitions' marks are moved past the batch, and only then are the offsets committed.
 
-A crash anywhere before 3 redelivers the batch, and the publish contract's dedupe (keyed by
+A crash anywhere before 4 redelivers the batch, and the publish contract's dedupe (keyed by
 ``eventId`` per recipient) turns the redelivery into no second notification. A replay that
 comes after the dedupe window (a new consumer group, an offset reset) is recognised by its
-offset, which the contract keeps per student and partition (:class:`notify.publish.Source`).
+partition's mark instead.
 
 No message can stall the stream: one whose Redis work fails for a reason of its own is set
 aside after a few attempts, and one too large to be dead-lettered whole is dead-lettered as
@@ -37,11 +39,12 @@ from prometheus_client import CollectorRegistry
 
 from notify import redis_client
 from notify.config import BridgeSettings
-from notify.publish import Source
+from notify.keys import Keys
 
 from . import handling
 from .handling import Item, Rejected
 from .metrics import BridgeMetrics
+from .positions import Mark, Positions, advance
 from .rules import Rule
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
             log.warning("rebalance went on while a batch was still being retried")
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._bridge.positions.forget()
         log.info(
             "partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
         )
@@ -85,6 +89,9 @@ class Bridge:
         self._settings = settings
         self._rules = rule_set
         self._redis, self._publisher = handling.connect(settings.redis, settings.history)
+        self.positions = Positions(
+            self._redis, Keys(settings.redis.namespace), settings.history.position_ttl
+        )
         self._consumer, self._producer = self._new_clients()
         self.metrics = BridgeMetrics()
         self.idle = asyncio.Event()
@@ -162,16 +169,30 @@ class Bridge:
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _handle(self, batch: dict[TopicPartition, list[Any]], stop: asyncio.Event) -> None:
+        known: dict[TopicPartition, Mark | None] = {}
+
+        async def load() -> None:
+            known.update(await self.positions.load(batch))
+
+        await self._retry("redis positions", stop, load)
         items: list[Item] = []
         offsets: dict[TopicPartition, int] = {}
+        moved: dict[TopicPartition, Mark] = {}
         for tp, messages in batch.items():
             self.metrics.consumed.labels(tp.topic).inc(len(messages))
-            items.extend(self._map(message) for message in messages)
+            mark = known[tp]
+            for message in messages:
+                if mark is not None and mark.covers(message.offset, message.timestamp):
+                    self.metrics.deduplicated.inc()  # a replay: handled before
+                    continue
+                mark = moved[tp] = advance(mark, message.offset, message.timestamp)
+                items.append(self._map(message))
             offsets[tp] = messages[-1].offset + 1
         publish = functools.partial(handling.publish, self._publisher, items, self.metrics)
         await self._retry("redis publish", stop, publish)
         dead = [item for item in items if item.reason is not None]
         await self._retry("dead-letter send", stop, lambda: self._send_dead(dead))
+        await self._retry("redis positions", stop, lambda: self.positions.save(moved))
         await self._commit(offsets)
 
     async def _check_retention(self) -> None:
@@ -213,8 +234,7 @@ class Bridge:
             # late this copy comes (Kafka down for days), it must not notify them again.
             self.metrics.deduplicated.inc()
             return Item(message)
-        source = Source(message.topic, message.partition, message.offset, message.timestamp)
-        return handling.map_event(message, message.value, self._rules, self.metrics, source)
+        return handling.map_event(message, message.value, self._rules, self.metrics)
 
     async def _send_dead(self, dead: list[Item]) -> None:
         for item in dead:

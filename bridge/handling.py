@@ -31,7 +31,7 @@ from notify import redis_client
 from notify.config import HistorySettings, RedisSettings
 from notify.incarnation import Durability
 from notify.keys import Keys
-from notify.publish import Notification, Publisher, Source
+from notify.publish import Notification, Publisher
 
 from . import envelope, rules
 from .rules import Outcome, Rule
@@ -96,7 +96,6 @@ def map_event(
     value: bytes | None,
     rule_set: Mapping[str, Rule],
     metrics: EventMetrics,
-    source: Source | None = None,
 ) -> Item:
     """Parse and map one event; an event without a rule is an item with nothing to do."""
     try:
@@ -105,7 +104,7 @@ def map_event(
         if rule is None:
             metrics.unknown_type.inc()
             return Item(origin)
-        return Item(origin, outcome=rules.apply(rule, event, source))
+        return Item(origin, outcome=rules.apply(rule, event))
     except envelope.EnvelopeError as exc:
         return Item(origin, reason=str(exc))
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from notify import names
 from notify.cache_keys import CacheKeyTemplate, MissingValue
-from notify.publish import Notification, Source
+from notify.publish import Notification
 
 from .envelope import Envelope, EnvelopeError
 
@@ -130,11 +130,8 @@ def _template(where: str, text: str, known: set[str]) -> CacheKeyTemplate:
     return template
 
 
-def apply(rule: Rule, envelope: Envelope, source: Source | None = None) -> Outcome:
-    """The cache deletions and notifications for one event; EnvelopeError if data lacks them.
-
-    ``source``: where the event was read in Kafka, for the contract's replay check.
-    """
+def apply(rule: Rule, envelope: Envelope) -> Outcome:
+    """The cache deletions and notifications for one event; EnvelopeError if data lacks them."""
     data = envelope.data
     users = []
     for field in rule.recipients:
@@ -153,7 +150,6 @@ def apply(rule: Rule, envelope: Envelope, source: Source | None = None) -> Outco
             # The type too: a producer reusing one id for several kinds of events (an
             # aggregate's id) must not have the second kind taken for the first.
             dedupe_key=f"ev:{envelope.event_type}:{envelope.event_id}",
-            source=source,
         )
         for user in dict.fromkeys(users)
     ]

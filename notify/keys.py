@@ -45,6 +45,12 @@ class Keys:
         """A gateway process's Pub/Sub probe channel; ``tag`` picks its slot (its shard)."""
         return f"{self._process_wide}probe:{process_id}:{{{tag}}}"
 
+    def position(self, topic: str, partition: int) -> str:
+        """How far the bridge has handled a Kafka partition: ``<offset> <timestamp>``
+        (bridge/positions.py). (Versions before 2026-12-03 kept a position per student, in
+        a ``{u:<id>}:kafka`` hash.)"""
+        return f"{self._process_wide}kafka:{topic}/{partition}"
+
     # One student's names, all in the student's slot.
 
     def incarnation(self, user: str) -> str:
@@ -52,13 +58,11 @@ class Keys:
         holds). (Versions before the function library kept it in a ``:meta`` hash.)"""
         return f"{self._tag}{user}}}:incarnation"
 
-    def kafka(self, user: str) -> str:
-        """Hash: per Kafka partition, the newest position already published for the student."""
-        return f"{self._tag}{user}}}:kafka"
 
     def history(self, user: str) -> str:
-        """Stream of the student's recent events, entry id ``0-<seq>``, field ``b``: the frame
-        after its id. (Versions that kept whole frames used ``:hist``.)"""
+        """List of the student's recent events: each the frame after its id, numbered by the
+        base the incarnation keeps plus its place in the list. (Versions that kept whole
+        frames used ``:hist``, and a stream before the function library.)"""
         return f"{self._tag}{user}}}:events"
 
     def dedupe(self, user: str, key: str) -> str:

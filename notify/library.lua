@@ -10,10 +10,11 @@
 -- costs several times what a cheap command itself does, and so does a table allocated or a
 -- global looked up per notification. So per notification there are two calls (RPUSH, whose
 -- reply numbers the event, and SPUBLISH); a call's notifications come grouped by student,
--- whose state lives in one table reused for each; every student's incarnation is read by
--- one MGET per call; what must be written back is written once per student and hour, or
--- when the history is trimmed; and the globals the hot path uses are looked up once per
--- call (a library's load-time environment does not have them).
+-- whose state lives in one table reused for each; everything a call reads (incarnations,
+-- dedupe keys) comes from one MGET; what must be written back is written once per student
+-- and hour, or when the history is trimmed (a dedupe key, once per notification); and the
+-- globals the hot path uses are looked up once per call (a library's load-time environment
+-- does not have them).
 
 -- This node's replication id, and the predecessor's that a promoted replica remembers.
 local function node_identity()
@@ -77,70 +78,15 @@ local function settle(key, history, state, node, candidate, durable, ttl, unpack
   return renew(key, history, node, candidate, ttl), 0, 0, 0, epoch and 2 or 1
 end
 
--- Whether a notification read from Kafka (source: "<topic>/<n> <offset> <timestamp>") was
--- published already; if not, also where it was read, for `record`. Kept per student and
--- partition: the highest offset published and the newest timestamp up to it. Anything at
--- or below both is a replay (a new consumer group, an offset reset), even long after its
--- dedupe key expired. A recreated topic starts its offsets again, with newer timestamps,
--- and is not taken for a replay.
-local function replayed(student, source, kafka)
-  local partition, offset, timestamp = string.match(source, '^(%S+) (%d+) (%d+)$')
-  offset, timestamp = tonumber(offset), tonumber(timestamp)
-  local marks = student.marks
-  if not marks then
-    marks = {}
-    student.marks, student.kafka = marks, kafka
-  end
-  local mark = marks[partition]
-  if mark == nil then
-    local read = redis.call('HMGET', kafka, 'ko:' .. partition, 'kt:' .. partition)
-    mark = read[1] and {tonumber(read[1]), tonumber(read[2])} or false
-    marks[partition] = mark
-  end
-  if mark and offset <= mark[1] and timestamp <= mark[2] then
-    return true
-  end
-  return false, partition, offset, timestamp
-end
-
--- A notification read from Kafka was published: its position, to be written back with the
--- student. Only once published: one that failed is no replay when its batch is retried.
-local function record(student, partition, offset, timestamp)
-  local mark = student.marks[partition]
-  if not mark then
-    student.new_kafka = true
-  end
-  student.marks[partition] = {offset, mark and mark[2] > timestamp and mark[2] or timestamp,
-                              moved = true}
-end
-
--- Write back what must outlive the call, once per student: the Kafka positions, the base
--- after a trim, and on the student's first call of the hour (or of its history) the floor
--- and the expiries. The history then lives at least history_ttl after its last event (it is
--- given an hour more), and the incarnation and Kafka positions position_ttl after the last
--- event or read.
+-- Write back what must outlive the call, once per student: the base after a trim, and on
+-- the student's first call of the hour (or of its history) the floor and the expiries. The
+-- history then lives at least history_ttl after its last event (it is given an hour more),
+-- and the incarnation position_ttl after its last event or read.
 local function flush(student, call)
-  if student.refresh or student.trimmed then
-    store(student.key, student.epoch, call.node.replid, student.seq,
-          student.refresh and call.hour or student.hour, student.base, call.position_ttl)
-  end
+  store(student.key, student.epoch, call.node.replid, student.seq,
+        student.refresh and call.hour or student.hour, student.base, call.position_ttl)
   if student.refresh then
     redis.call('EXPIRE', student.history, call.history_ttl + 3600)
-  end
-  if student.marks then
-    local fields = {}
-    for partition, mark in pairs(student.marks) do
-      if mark and mark.moved then
-        fields[#fields + 1], fields[#fields + 2] = 'ko:' .. partition, mark[1]
-        fields[#fields + 1], fields[#fields + 2] = 'kt:' .. partition, mark[2]
-      end
-    end
-    if #fields > 0 then
-      redis.call('HSET', student.kafka, unpack(fields))
-      if student.refresh or student.new_kafka then
-        redis.call('EXPIRE', student.kafka, call.position_ttl)
-      end
-    end
   end
 end
 
@@ -155,18 +101,15 @@ local function lost(student, body, call)
 end
 
 -- KEYS: a marker for this call, then per student its incarnation and history, and per
--- notification its dedupe key if it has one and its student's Kafka positions if it came
--- from Kafka.
+-- notification its dedupe key if it has one.
 -- ARGV: candidate epoch, durable flag, history size, history ttl, position ttl, dedupe ttl,
 -- marker ttl (0: no marker), then per notification: its student's channel ("" for the same
 -- student as the notification before: a student's notifications come together, in order),
--- body (the frame after its id), "1" if it has a dedupe key (else ""), and where Kafka had
--- it ("<topic>/<n> <offset> <timestamp>", or ""). Every argument costs Redis an allocation
--- or two: the common notification has four.
--- Returns, flat, per notification: id and "1" when published; id and "0" for a duplicate
--- (the first publish's id, or for a Kafka replay a position the student already had);
--- Redis's error and "2" when it refused the notification. (Strings: the retry marker keeps
--- them joined, and Lua turns numbers into strings slowly.)
+-- body (the frame after its id), and "1" if it has a dedupe key (else ""). Every argument
+-- costs Redis an allocation or two: the common notification has three.
+-- Returns, flat, per notification: id and "1" when published; the first publish's id and
+-- "0" for a duplicate; Redis's error and "2" when it refused the notification. (Strings:
+-- the retry marker keeps them joined, and Lua turns numbers into strings slowly.)
 local function publish(keys, args)
   local call, pcall, format, type = redis.call, redis.pcall, string.format, type
   local struct_unpack = struct.unpack
@@ -188,31 +131,34 @@ local function publish(keys, args)
     candidate = args[1], durable = args[2], size = tonumber(args[3]),
     history_ttl = tonumber(args[4]), position_ttl = args[5],
   }
-  local size, dedupe_ttl, count = this.size, args[6], (#args - 7) / 4
+  local size, dedupe_ttl, count = this.size, args[6], (#args - 7) / 3
   local limit = 2 * size
-  -- Where each student's keys start, and each notification's own; every student's
-  -- incarnation, in one MGET.
-  local starts, own, names, k = {}, {}, {}, 2
+  -- Where each student's keys start, and each notification's dedupe key. Every string the
+  -- call reads (incarnations, dedupe keys) comes from one MGET, in the order the loop below
+  -- meets them: a call from Lua costs Redis several times what one more key in a call does.
+  local starts, dedupes, names, k = {}, {}, {}, 2
   for i = 1, count do
-    local a = 4 * i + 4
+    local a = 3 * i + 5
     if args[a] ~= '' then
       starts[i], names[#names + 1] = k, keys[k]
       k = k + 2
     end
-    own[i] = k
-    k = k + (args[a + 2] == '' and 0 or 1) + (args[a + 3] == '' and 0 or 1)
+    if args[a + 2] ~= '' then
+      dedupes[i], names[#names + 1], k = keys[k], keys[k], k + 1
+    end
   end
-  local states = call('MGET', unpack(names))
-  local results, student, students, channel, seen = {}, {}, 0, nil, {}
+  local read = call('MGET', unpack(names))
+  -- The ids this call gave dedupe keys, which the MGET could not see.
+  local results, student, channel, seen, taken, r = {}, nil, nil, {}, {}, 0
   for i = 1, count do
-    local a, k = 4 * i + 4, starts[i]
+    local a, k = 3 * i + 5, starts[i]
     if k then
-      if students > 0 and (student.refresh or student.trimmed or student.marks) then
+      if student and (student.refresh or student.trimmed) then
         flush(student, this)
       end
-      students = students + 1
-      local key, history = keys[k], keys[k + 1]
-      local state = states[students]
+      student = student or {}
+      r = r + 1
+      local key, history, state = keys[k], keys[k + 1], read[r]
       if seen[key] then
         -- Listed before in this call: what the MGET read is stale by now.
         state = call('GET', key)
@@ -225,27 +171,14 @@ local function publish(keys, args)
       student.key, student.history, student.epoch, student.floor = key, history, epoch, floor
       student.seq, student.hour, student.base = floor, hour, base
       student.refresh, student.trimmed = outcome ~= 0 or hour ~= this.hour, false
-      student.marks, student.kafka, student.new_kafka = nil, nil, nil
       channel = args[a]
     end
-    k = own[i]
-    local body, dedupe, source, id, flag = args[a + 1], nil, args[a + 3], nil, nil
-    if args[a + 2] ~= '' then
-      dedupe = keys[k]
-      k = k + 1
-      local prior = pcall('GET', dedupe)
-      if type(prior) == 'table' then
-        id, flag = prior.err, '2'
-      elseif prior then
+    local body, dedupe, id, flag = args[a + 1], dedupes[i], nil, nil
+    if dedupe then
+      r = r + 1
+      local prior = taken[dedupe] or read[r]
+      if prior then
         id, flag = prior, '0'
-      end
-    end
-    local partition, offset, timestamp
-    if not flag and source ~= '' then
-      local replay
-      replay, partition, offset, timestamp = replayed(student, source, keys[k])
-      if replay then
-        id, flag = student.epoch .. format('-%d', student.seq), '0'
       end
     end
     if not flag then
@@ -272,15 +205,13 @@ local function publish(keys, args)
         call('SPUBLISH', channel, '{"type":"event","id":"' .. id .. '",' .. body)
         if dedupe then
           call('SET', dedupe, id, 'EX', dedupe_ttl)
-        end
-        if partition then
-          record(student, partition, offset, timestamp)
+          taken[dedupe] = id
         end
       end
     end
     results[2 * i - 1], results[2 * i] = id, flag
   end
-  if students > 0 and (student.refresh or student.trimmed or student.marks) then
+  if student and (student.refresh or student.trimmed) then
     flush(student, this)
   end
   if marker_ttl > 0 then

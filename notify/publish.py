@@ -10,10 +10,10 @@ and live delivery come from a single step, a gateway that reads history after su
 can never see a hole between them.
 
 What a call costs Redis is paid once per call (the node's identity, the time, one MGET of
-every student's incarnation), once per student in it (Kafka positions; once an hour, the
-expiries; the trim of a full history), or once per notification (RPUSH and SPUBLISH, and
-for a caller's dedupe key a GET and a SET): docs/performance.md has what that is against a
-plain PUBLISH.
+everything it reads: every student's incarnation and every dedupe key), once per student in
+it (once an hour, the expiries; the trim of a full history), or once per notification (RPUSH
+and SPUBLISH, and a SET for a caller's dedupe key): docs/performance.md has what that is
+against a plain PUBLISH.
 
 The channel is a shard channel (SPUBLISH, Redis >= 7) on a single node and in a cluster
 alike: in a cluster it then goes only to the nodes of its slot's shard, where the
@@ -47,16 +47,6 @@ RETRY_WINDOW = 60
 
 
 @dataclass(frozen=True, slots=True)
-class Source:
-    """Where a notification's event was read in Kafka."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-
-
-@dataclass(frozen=True, slots=True)
 class Notification:
     """One event for one user, as producers hand it to the publish contract."""
 
@@ -67,9 +57,6 @@ class Notification:
     # An event id or idempotency key: a second publish with the same key for the same user
     # within the dedupe window returns the first id and delivers nothing.
     dedupe_key: str | None = None
-    # For an event read from Kafka: a replay of its offset notifies nothing, for as long
-    # as the student's position is kept.
-    source: Source | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,13 +179,7 @@ class Publisher:
         else:
             deduped = "1"
             call.keys.append(keys.dedupe(user, notification.dedupe_key))
-        source = notification.source
-        if source is None:
-            where = ""
-        else:
-            where = f"{source.topic}/{source.partition} {source.offset} {source.timestamp_ms}"
-            call.keys.append(keys.kafka(user))
-        call.args += [channel, body, deduped, where]
+        call.args += [channel, body, deduped]
 
     async def _run(self, calls: list[_Call]) -> list[Any]:
         """Each call's reply, or the exception that failed it as a whole."""

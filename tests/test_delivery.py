@@ -138,7 +138,7 @@ async def test_a_student_listed_twice_in_one_call_gets_one_incarnation_and_no_ho
         for n in range(first, first + 3):
             keys += [KEYS.incarnation(student), KEYS.history(student)]
             body = b'"event":"E","data":{"n":%d},"invalidate":[],"ts":0}' % n
-            args += [KEYS.channel(student), body, "", ""]
+            args += [KEYS.channel(student), body, ""]
         reply = await library.call(redis, library.PUBLISH, keys, args)
         replies = [r.decode() if isinstance(r, bytes) else r for r in reply]
         assert replies[1::2] == ["1"] * 3, replies

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from notify.publish import Notification
+from notify.publish import Notification, Published
 
 from .support import (
     GatewayServer,
@@ -79,6 +79,29 @@ async def test_duplicate_dedupe_key_delivers_once(
     assert again.id == first.id
     [frame] = await events(ws, 1)
     assert frame["id"] == str(first.id)
+    await nothing_arrives(ws)
+    await ws.close()
+
+
+async def test_one_call_sees_the_dedupe_keys_it_wrote(
+    gateway: GatewayServer, redis: Redis, student: str
+) -> None:
+    """The publish function reads every dedupe key of a call in one go, before it publishes
+    anything: a key met twice in one call must still be a duplicate the second time."""
+    ws, _ = await open_client(gateway.ws_url(student))
+    sent = await publisher(redis).invalidate_then_publish(
+        (),
+        [
+            Notification(student, "E", {"n": 1}, dedupe_key="ev:1"),
+            Notification(student, "E", {"n": 2}, dedupe_key="ev:1"),
+            Notification(student, "E", {"n": 3}, dedupe_key="ev:2"),
+        ],
+    )
+    results = [r for r in sent.results if isinstance(r, Published)]
+    assert [r.duplicate for r in results] == [False, True, False]
+    assert results[1].id == results[0].id
+    frames = await events(ws, 2)
+    assert [f["data"]["n"] for f in frames] == [1, 3]
     await nothing_arrives(ws)
     await ws.close()
 
