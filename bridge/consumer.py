@@ -41,10 +41,10 @@ from notify import redis_client
 from notify.config import BridgeSettings
 from notify.keys import Keys
 
-from . import handling
+from . import handling, positions
 from .handling import Item, Rejected
 from .metrics import BridgeMetrics
-from .positions import Mark, Positions, advance
+from .positions import Mark, Positions
 from .rules import Rule
 
 log = logging.getLogger(__name__)
@@ -180,13 +180,11 @@ class Bridge:
         moved: dict[TopicPartition, Mark] = {}
         for tp, messages in batch.items():
             self.metrics.consumed.labels(tp.topic).inc(len(messages))
-            mark = known[tp]
-            for message in messages:
-                if mark is not None and mark.covers(message.offset, message.timestamp):
-                    self.metrics.deduplicated.inc()  # a replay: handled before
-                    continue
-                mark = moved[tp] = advance(mark, message.offset, message.timestamp)
-                items.append(self._map(message))
+            replays, mark = positions.split(known[tp], messages)
+            self.metrics.deduplicated.inc(replays)  # handled before
+            if mark is not None:
+                moved[tp] = mark
+            items.extend(self._map(message) for message in messages[replays:])
             offsets[tp] = messages[-1].offset + 1
         publish = functools.partial(handling.publish, self._publisher, items, self.metrics)
         await self._retry("redis publish", stop, publish)

@@ -19,8 +19,9 @@ each notification: the same guard, at the cost of two Redis writes per notificat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiokafka import TopicPartition
 
@@ -53,11 +54,37 @@ class Mark:
             return None
 
 
-def advance(mark: Mark | None, offset: int, timestamp: int) -> Mark:
-    """The mark once a message not covered by ``mark`` is handled too."""
-    if mark is None:
-        return Mark(offset, timestamp)
-    return Mark(offset, max(mark.timestamp, timestamp))
+class Record(Protocol):
+    """A Kafka message, as far as its mark is concerned."""
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def timestamp(self) -> int: ...
+
+
+def split(mark: Mark | None, records: Sequence[Record]) -> tuple[int, Mark | None]:
+    """How many of one partition's ``records`` (in offset order) are replays, and the mark
+    once the rest are handled too (None when there is no rest).
+
+    The replays are a prefix: the first record ``mark`` does not cover has a higher offset
+    than it (or, in a recreated topic, a newer timestamp), and the mark that includes it
+    covers no later record, whose offsets are higher still.
+    """
+    replays = 0
+    if mark is not None:
+        while replays < len(records) and mark.covers(
+            records[replays].offset, records[replays].timestamp
+        ):
+            replays += 1
+    rest = records[replays:]
+    if not rest:
+        return replays, None
+    newest = max(record.timestamp for record in rest)
+    if mark is not None:
+        newest = max(newest, mark.timestamp)
+    return replays, Mark(rest[-1].offset, newest)
 
 
 class Positions:

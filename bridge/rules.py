@@ -40,7 +40,8 @@ class Rule:
     cache_keys: tuple[CacheKeyTemplate, ...]
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, like envelope.Envelope: one per event on the bridge's hot path.
+@dataclass(slots=True)
 class Outcome:
     """What one event turns into: cache keys to delete first, then notifications to push."""
 

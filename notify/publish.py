@@ -46,7 +46,9 @@ from .redis_client import Client, text
 RETRY_WINDOW = 60
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, nor Published: the bridge builds one of each per recipient of every event it
+# reads, and a frozen dataclass costs twice as much to build. Nothing changes one once built.
+@dataclass(slots=True)
 class Notification:
     """One event for one user, as producers hand it to the publish contract."""
 
@@ -59,7 +61,7 @@ class Notification:
     dedupe_key: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Published:
     id: EventId
     duplicate: bool
