@@ -58,7 +58,6 @@ class Keys:
         holds). (Versions before the function library kept it in a ``:meta`` hash.)"""
         return f"{self._tag}{user}}}:incarnation"
 
-
     def history(self, user: str) -> str:
         """List of the student's recent events: each the frame after its id, numbered by the
         base the incarnation keeps plus its place in the list. (Versions that kept whole
