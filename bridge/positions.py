@@ -13,8 +13,11 @@ The mark is written once its batch is handled, before the batch's offsets are co
 It is not written atomically with the notifications, and need not be: it only ever claims
 what is already done. A crash before it is written leaves an older mark, and the
 redelivered batch is deduplicated by ``eventId``; no mark ever skips a message that nothing
-handled. (Until 2026-12-03 the publish function kept a position per student, written with
-each notification: the same guard, at the cost of two Redis writes per notification.)
+handled, except those a new group skipped on purpose by starting at the end of the topic
+(``NOTIFY_KAFKA_OFFSET_RESET=latest``), which its first mark covers as well.
+
+(Until 2026-12-03 the publish function kept a position per student, written with each
+notification: the same guard, at the cost of two Redis writes per notification.)
 """
 
 from __future__ import annotations
