@@ -171,7 +171,12 @@ async def stream(redis_url: str, bootstrap: str) -> AsyncIterator[Stream]:
     ):
         clients = await connect_students(gateway, 5)
         tally = Tally(clients)
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        # The backend's producer stands by a frozen broker: its sends wait for the broker
+        # to come back rather than expire (aiokafka's 40-s default is near the 30-s freeze
+        # plus a slow machine's recovery; one CI run saw them fail with REQUEST_TIMED_OUT).
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", request_timeout_ms=120_000
+        )
         await producer.start()
         try:
             flow = Stream(running, list(clients), tally, producer)
